@@ -1,0 +1,133 @@
+"""Thin Click layer: parse arguments, call one library function, map HrfBatchError to a clean exit."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from hrf_batch import __version__
+from hrf_batch.errors import HrfBatchError
+
+
+def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one-line messages and exit code 1 instead of tracebacks."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except HrfBatchError as exc:
+            raise click.ClickException(str(exc)) from exc
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="hrf-batch")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+def main(verbose: int) -> None:
+    """Count and outline hyper-reflective foci (HRF) in OCT studies.
+
+    Reads HEYEX .vol/.e2e/XML, DICOM OCT and Topcon .fds exports, finds HRFs with a weakly
+    supervised classifier, relevance maps and SAM 2, and stores counts and masks in a database.
+    """
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _format_info(summary: dict[str, Any]) -> str:
+    sp = summary["spacing"]
+    lines = [
+        f"source      {summary['source_path']}  [{summary['source_format']}]",
+        f"series      {summary['series_uid']}",
+        f"patient     {summary['patient_id'] or '(none)'}   eye {summary['eye']}",
+        f"visit       {summary['visit_date']}   acquired {summary['acquired_at']}",
+        f"device      {summary['device']}",
+        f"pattern     {summary['scan_pattern']}",
+        f"shape       {summary['n_bscans']} B-scans x {summary['bscan_height']} x {summary['bscan_width']} px",
+        f"spacing     lateral {sp['lateral_mm']:.5f} mm, axial {sp['axial_mm']:.5f} mm, "
+        f"between B-scans {sp['between_bscans_mm']:.5f} mm",
+        f"intensity   {summary['intensity_min']:.1f} .. {summary['intensity_max']:.1f} (display scale 0..255)",
+        f"localizer   {summary['localizer_shape'] or 'none'}",
+        f"sha256      {summary['source_sha256']}",
+    ]
+    if "birth_date" in summary:
+        lines.insert(3, f"identity    {summary['patient_name'] or '(no name)'}, born {summary['birth_date']}")
+    pos = summary["positions"]
+    if pos:
+        lines.append("positions   B-scan start -> end on the localizer (x, y mm)")
+        for i, p in enumerate(pos):
+            if len(pos) > 6 and 2 < i < len(pos) - 3:
+                if i == 3:
+                    lines.append(f"            ... {len(pos) - 6} more")
+                continue
+            s, e = p["start_mm"], p["end_mm"]
+            lines.append(f"  {i:4d}      ({s[0]:.3f}, {s[1]:.3f}) -> ({e[0]:.3f}, {e[1]:.3f})")
+    else:
+        lines.append("positions   not recorded in the file")
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.option("--show-identifiers", is_flag=True, help="Also print patient name and birth date.")
+@_friendly
+def info(path: Path, as_json: bool, show_identifiers: bool) -> None:
+    """Print what was read from one OCT file: shape, spacing, eye, patient, dates, positions."""
+    from hrf_batch.readers import read_volumes
+    from hrf_batch.volume import volume_summary
+
+    summaries = [volume_summary(v, show_identifiers=show_identifiers) for v in read_volumes(path)]
+    if as_json:
+        click.echo(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=2))
+        return
+    click.echo("\n\n".join(_format_info(s) for s in summaries))
+
+
+@main.command()
+@click.argument("study_dir", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_friendly
+def scan(study_dir: Path, as_json: bool) -> None:
+    """List the OCT volumes in a study folder by patient, visit and eye, and every file left out."""
+    from hrf_batch.study import scan_study
+
+    report = scan_study(study_dir)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for visit in report["visits"]:
+        click.echo(f"{visit['patient_id'] or '(no id)'}  {visit['visit_date']}  {visit['eye']}")
+        for vol in visit["volumes"]:
+            click.echo(f"    {vol['n_bscans']:3d} x {vol['bscan_height']}x{vol['bscan_width']}  {vol['source_format']:10s} {vol['source_path']}")
+    for issue in report["issues"]:
+        click.echo(f"{issue['kind']:8s} {issue['reason']}")
+    click.echo(f"{report['n_volumes']} volumes, {report['n_errors']} unreadable, {report['n_skipped']} skipped")
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option("--patients", default=3, show_default=True, type=click.IntRange(1, 999), help="Number of patients.")
+@click.option("--visits", default=2, show_default=True, type=click.IntRange(1, 50), help="Visits per patient.")
+@click.option("--bscans", default=9, show_default=True, type=click.IntRange(1, 256), help="B-scans per volume.")
+@click.option("--width", default=512, show_default=True, type=click.IntRange(32, 2048), help="A-scans per B-scan.")
+@click.option("--height", default=496, show_default=True, type=click.IntRange(32, 2048), help="Pixels per A-scan.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same study).")
+@_friendly
+def synth(out_dir: Path, patients: int, visits: int, bscans: int, width: int, height: int, seed: int) -> None:
+    """Write a synthetic study (both eyes, every supported format) with HRF ground truth beside it."""
+    from hrf_batch.sample_study import StudySpec, write_synthetic_study
+
+    spec = StudySpec(patients=patients, visits=visits, bscans=bscans, width=width, height=height, seed=seed)
+    manifest = write_synthetic_study(out_dir, spec)
+    click.echo(
+        f"wrote {len(manifest)} volumes for {patients} patients to {out_dir} "
+        f"(ground truth in {out_dir / 'ground_truth'})"
+    )

@@ -1,0 +1,162 @@
+"""Study discovery: walk a folder, find every OCT source, and never stop on a bad file.
+
+Each file ends in exactly one place: a :class:`Source` to read, or a :class:`FileIssue` that says
+why it was skipped (not OCT) or failed (looks like OCT but cannot be read). Single-frame DICOM
+instances are grouped into one source per series; TIFFs named by a HEYEX XML export and DICOM
+localizers are reported as skipped, since the OCT series that references them reads them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from hrf_batch.errors import HrfBatchError, NotOctError, ReadError
+from hrf_batch.readers import OCT_SUFFIXES, SUPPORTED, read_head, read_source, sniff
+from hrf_batch.volume import Volume, VolumeMeta
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One OCT file, or the files of one single-frame DICOM series."""
+
+    format: str
+    paths: tuple[Path, ...]
+
+    @property
+    def path(self) -> Path:
+        return self.paths[0]
+
+
+@dataclass(frozen=True)
+class FileIssue:
+    """A file that gave no volume: ``kind`` is 'skipped' (not OCT) or 'error' (unreadable OCT)."""
+
+    path: Path
+    reason: str
+    kind: str
+
+
+@dataclass
+class Discovery:
+    sources: list[Source] = field(default_factory=list)
+    issues: list[FileIssue] = field(default_factory=list)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+
+
+def _classify(path: Path, disc: Discovery, dicoms: list[Path], xmls: list[Path], others: list[Path]) -> None:
+    try:
+        head = read_head(path)
+    except ReadError as exc:
+        disc.issues.append(FileIssue(path, str(exc), "error"))
+        return
+    suffix = path.suffix.lower()
+    if not head:
+        kind = "error" if suffix in OCT_SUFFIXES else "skipped"
+        disc.issues.append(FileIssue(path, f"{path}: file is empty (0 bytes)", kind))
+        return
+    fmt = sniff(head)
+    if fmt == "dicom":
+        dicoms.append(path)
+    elif fmt == "heyex-xml":
+        xmls.append(path)
+    elif fmt is not None:
+        disc.sources.append(Source(fmt, (path,)))
+    elif suffix in OCT_SUFFIXES - {""}:
+        disc.issues.append(FileIssue(path, f"{path}: named like an OCT file ({suffix}) but its content is no known OCT format — supported: {SUPPORTED}", "error"))
+    else:
+        others.append(path)
+
+
+def _group_dicoms(dicoms: list[Path], disc: Discovery) -> set[Path]:
+    """Add one source per OCT series; return the localizer files those series can use."""
+    from hrf_batch.readers.dicom_oct import peek_dicom
+
+    series: dict[str, list[Path]] = defaultdict(list)
+    localizers: set[Path] = set()
+    for path in dicoms:
+        try:
+            peek = peek_dicom(path)
+        except ReadError as exc:
+            disc.issues.append(FileIssue(path, str(exc), "error"))
+            continue
+        if peek is None:
+            disc.issues.append(FileIssue(path, f"{path}: DICOM header could not be parsed", "error"))
+        elif peek.is_oct:
+            series[peek.series_uid].append(path)
+        elif peek.is_localizer:
+            localizers.add(path)
+        else:
+            disc.issues.append(FileIssue(path, f"{path}: DICOM is not OCT (SOP class {peek.sop_class_uid})", "skipped"))
+    disc.sources.extend(Source("dicom-oct", tuple(sorted(paths))) for paths in series.values())
+    return localizers
+
+
+def _claim_xml(xmls: list[Path], disc: Discovery) -> set[Path]:
+    from hrf_batch.readers.heyex_xml import referenced_files
+
+    claimed: set[Path] = set()
+    for path in xmls:
+        try:
+            claimed.update(referenced_files(path))
+        except ReadError as exc:
+            disc.issues.append(FileIssue(path, str(exc), "error"))
+            continue
+        disc.sources.append(Source("heyex-xml", (path,)))
+    return claimed
+
+
+def discover(study_dir: Path) -> Discovery:
+    """Find every OCT source under ``study_dir`` (recursively, hidden folders excluded)."""
+    root = Path(study_dir)
+    if not root.is_dir():
+        raise HrfBatchError(f"study folder {root} does not exist or is not a folder", "pass the folder that holds the OCT exports")
+    disc = Discovery()
+    dicoms: list[Path] = []
+    xmls: list[Path] = []
+    others: list[Path] = []
+    for path in _files(root):
+        _classify(path, disc, dicoms, xmls, others)
+    localizers = _group_dicoms(dicoms, disc)
+    claimed = _claim_xml(xmls, disc)
+    for path in others:
+        if path not in claimed:
+            disc.issues.append(FileIssue(path, f"{path}: not an OCT file", "skipped"))
+    for path in sorted(localizers):
+        disc.issues.append(FileIssue(path, f"{path}: DICOM localizer image, read with the OCT series that references it", "skipped"))
+    disc.sources.sort(key=lambda s: str(s.path))
+    return disc
+
+
+def read_sources(sources: Iterable[Source]) -> Iterator[Volume | FileIssue]:
+    """Read sources one by one; a file that fails becomes a FileIssue and the walk goes on."""
+    for source in sources:
+        try:
+            yield from read_source(source.format, source.paths)
+        except NotOctError as exc:
+            yield FileIssue(source.path, str(exc), "skipped")
+        except HrfBatchError as exc:
+            yield FileIssue(source.path, str(exc), "error")
+        except Exception as exc:  # a reader bug on one file must not stop a study; it is recorded, not hidden
+            log.exception("unexpected failure reading %s", source.path)
+            yield FileIssue(source.path, f"{source.path}: unexpected {type(exc).__name__}: {exc}", "error")
+
+
+VisitKey = tuple[str, date | None, str]
+
+
+def group_by_visit(metas: Iterable[VolumeMeta]) -> dict[VisitKey, list[VolumeMeta]]:
+    """Group volumes by (patient id, visit date, eye), in sorted order."""
+    groups: dict[VisitKey, list[VolumeMeta]] = defaultdict(list)
+    for meta in metas:
+        groups[(meta.patient_id, meta.visit_date, meta.eye)].append(meta)
+    return dict(sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or date.min, kv[0][2])))

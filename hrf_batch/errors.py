@@ -1,0 +1,30 @@
+"""Typed errors. Every message says what failed and what the user can do about it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class HrfBatchError(Exception):
+    """Base class: the CLI maps these to a one-line message and a non-zero exit code."""
+
+    def __init__(self, problem: str, hint: str = "") -> None:
+        self.problem = problem
+        self.hint = hint
+        super().__init__(f"{problem} — {hint}" if hint else problem)
+
+
+class ReadError(HrfBatchError):
+    """A file could not be read as an OCT volume."""
+
+    def __init__(self, path: Path | str, problem: str, hint: str = "") -> None:
+        self.path = str(path)
+        super().__init__(f"{self.path}: {problem}", hint)
+
+
+class NotOctError(ReadError):
+    """The file is readable but holds no OCT image (e.g. a CT DICOM, a PDF, a stray TIFF)."""
+
+
+class VolumeError(HrfBatchError):
+    """A Volume was built with inconsistent data (a programming or file-content error)."""

@@ -1,0 +1,165 @@
+"""Write a synthetic study folder: patients, visits, both eyes, every supported export format.
+
+Layout::
+
+    OUT/P001/2023-01-10/P001_2023-01-10_OD.vol          HEYEX .vol
+    OUT/P001/2023-04-10/P001_2023-04-10.e2e             HEYEX .e2e (both eyes in one file)
+    OUT/P002/2023-01-17/OD_xml/P002_..._OD.xml + TIFFs  HEYEX XML export
+    OUT/P002/2023-01-17/OS_dicom/*.dcm                  DICOM OCT (+ localizer)
+    OUT/ground_truth/P001_2023-01-10_OD.npz             HRF label masks (n, H, W), one id per HRF
+    OUT/ground_truth/manifest.csv                       one row per B-scan: HRF count and area
+
+Ground truth is keyed by (patient id, visit date, eye), which every reader returns, so it can be
+matched to what the readers make of the files whatever the format.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+
+from hrf_batch.synthetic import synth_localizer, synth_volume
+from hrf_batch.volume import BScanPosition, Spacing, Volume, VolumeMeta
+
+FORMAT_CYCLE = ("heyex-vol", "dicom-oct", "heyex-xml", "heyex-e2e")
+MANIFEST_COLUMNS = ("patient_id", "visit_date", "eye", "format", "source", "mask_file", "bscan_index", "hrf_count", "hrf_area_px")
+_AXIAL_MM = 0.00387
+_SCAN_WIDTH_MM = 6.0
+_SCAN_HEIGHT_MM = 5.8
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """How big a synthetic study to write; the seed makes it reproducible."""
+
+    patients: int = 3
+    visits: int = 2
+    bscans: int = 9
+    width: int = 512
+    height: int = 496
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class GroundTruthVolume:
+    """Where one synthetic volume and its HRF labels were written."""
+
+    patient_id: str
+    visit_date: date
+    eye: str
+    format: str
+    source: Path
+    mask_file: Path
+    hrf_counts: tuple[int, ...]
+
+
+def _positions(n: int, width: int, lateral: float, field_mm: float) -> tuple[BScanPosition, ...]:
+    """B-scans stacked top to bottom over a square region centred on the localizer; index 0 is inferior."""
+    x0 = (field_mm - width * lateral) / 2
+    step = _SCAN_HEIGHT_MM / max(n - 1, 1) if n > 1 else 0.0
+    y_first = field_mm / 2 + step * (n - 1) / 2
+    return tuple(BScanPosition((x0, y_first - i * step), (x0 + width * lateral, y_first - i * step)) for i in range(n))
+
+
+def _volume(rng: np.random.Generator, spec: StudySpec, patient: str, visit: date, eye: str, burden: float, when: datetime) -> tuple[Volume, np.ndarray]:
+    images, labels = synth_volume(rng, n_bscans=spec.bscans, height=spec.height, width=spec.width, hrf_prevalence=burden)
+    if eye == "OS":  # a left eye is the mirror image of a right one
+        images, labels = images[:, :, ::-1].copy(), labels[:, :, ::-1].copy()
+    lateral = _SCAN_WIDTH_MM / spec.width
+    loc_size = 768 if spec.width >= 384 else 2 * spec.width
+    loc_spacing = max(0.01182, 1.6 * max(_SCAN_WIDTH_MM, _SCAN_HEIGHT_MM) / loc_size)
+    localizer = synth_localizer(rng, size=loc_size)
+    if eye == "OS":
+        localizer = localizer[:, ::-1].copy()
+    between = _SCAN_HEIGHT_MM / (spec.bscans - 1) if spec.bscans > 1 else 0.0
+    meta = VolumeMeta(
+        source_path="", source_sha256="", source_format="heyex-vol", series_uid=f"{patient}-{visit:%Y%m%d}-{eye}",
+        patient_id=patient, eye=eye, visit_date=visit, acquired_at=when, device="Heidelberg Engineering Spectralis",
+        scan_pattern="volume" if spec.bscans > 1 else "line", spacing=Spacing(lateral, _AXIAL_MM, between),
+        positions=_positions(spec.bscans, spec.width, lateral, loc_size * loc_spacing),
+        localizer_spacing_mm=(loc_spacing, loc_spacing), birth_date=date(1940, 1, 1) + timedelta(days=int(rng.integers(0, 9000))),
+        patient_name=f"Synthetic {patient}",
+    )
+    return Volume(bscans=images.astype(np.float32), meta=meta, localizer=localizer.astype(np.float32)), labels
+
+
+def _write(fmt: str, volumes: list[Volume], visit_dir: Path, stem: str) -> list[Path]:
+    from hrf_batch.writers.dicom import write_dicom_oct
+    from hrf_batch.writers.e2e import write_e2e
+    from hrf_batch.writers.heyex_xml import write_heyex_xml
+    from hrf_batch.writers.vol import write_vol
+
+    if fmt == "heyex-e2e":
+        path = write_e2e(volumes, visit_dir / f"{stem}.e2e")
+        return [path] * len(volumes)
+    out = []
+    for i, vol in enumerate(volumes):
+        eye = vol.meta.eye
+        if fmt == "heyex-vol":
+            out.append(write_vol(vol, visit_dir / f"{stem}_{eye}.vol"))
+        elif fmt == "heyex-xml":
+            out.append(write_heyex_xml(vol, visit_dir / f"{eye}_xml", stem=f"{stem}_{eye}"))
+        else:
+            out.append(write_dicom_oct(vol, visit_dir / f"{eye}_dicom", multiframe=i % 2 == 0)[0].parent)
+    return out
+
+
+def write_synthetic_study(out_dir: Path, spec: StudySpec) -> list[GroundTruthVolume]:
+    """Write the study and its ground truth; returns one record per volume (also in manifest.csv)."""
+    out_dir = Path(out_dir)
+    truth_dir = out_dir / "ground_truth"
+    truth_dir.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(spec.seed)
+    records: list[GroundTruthVolume] = []
+    k = 0
+    for p in range(spec.patients):
+        patient = f"P{p + 1:03d}"
+        first = date(2023, 1, 10) + timedelta(days=7 * p)
+        burden = float(rng.uniform(0.05, 0.5))
+        for v in range(spec.visits):
+            visit = first + timedelta(days=91 * v)
+            stem = f"{patient}_{visit:%Y-%m-%d}"
+            fmt = FORMAT_CYCLE[k % len(FORMAT_CYCLE)]
+            k += 1
+            pairs = [
+                _volume(rng, spec, patient, visit, eye, min(0.9, burden * (1 + 0.5 * v)), datetime.combine(visit, datetime.min.time()) + timedelta(hours=9, minutes=5 * i))
+                for i, eye in enumerate(("OD", "OS"))
+            ]
+            sources = _write(fmt, [vol for vol, _ in pairs], out_dir / patient / f"{visit:%Y-%m-%d}", stem)
+            for (vol, labels), source in zip(pairs, sources, strict=True):
+                mask_file = truth_dir / f"{stem}_{vol.meta.eye}.npz"
+                np.savez_compressed(mask_file, labels=labels.astype(np.int16))
+                counts = tuple(int(len(np.unique(lab)) - 1) for lab in labels)
+                records.append(GroundTruthVolume(patient, visit, vol.meta.eye, fmt, source, mask_file, counts))
+    _write_manifest(out_dir, truth_dir / "manifest.csv", records)
+    return records
+
+
+def _write_manifest(out_dir: Path, path: Path, records: list[GroundTruthVolume]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(MANIFEST_COLUMNS)
+        for rec in records:
+            labels = np.load(rec.mask_file)["labels"]
+            for i, count in enumerate(rec.hrf_counts):
+                writer.writerow([
+                    rec.patient_id, rec.visit_date.isoformat(), rec.eye, rec.format,
+                    rec.source.relative_to(out_dir).as_posix(), rec.mask_file.relative_to(out_dir).as_posix(),
+                    i, count, int((labels[i] > 0).sum()),
+                ])
+
+
+def load_ground_truth(study_dir: Path) -> dict[tuple[str, date, str], np.ndarray]:
+    """HRF label masks of a synthetic study keyed by (patient id, visit date, eye)."""
+    truth_dir = Path(study_dir) / "ground_truth"
+    out: dict[tuple[str, date, str], np.ndarray] = {}
+    with open(truth_dir / "manifest.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            key = (row["patient_id"], date.fromisoformat(row["visit_date"]), row["eye"])
+            if key not in out:
+                out[key] = np.load(Path(study_dir) / row["mask_file"])["labels"]
+    return out

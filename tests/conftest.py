@@ -1,0 +1,48 @@
+"""Shared test fixtures: the real OCT files in ../shared/fixtures and small synthetic volumes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    """The real third-party OCT files; fail loudly (never skip) when they are missing."""
+    if not (SHARED_FIXTURES / "PROVENANCE.md").is_file():
+        pytest.fail(
+            f"real OCT fixtures not found at {SHARED_FIXTURES}: the tests expect the shared fixtures "
+            "folder beside the project checkout (../shared/fixtures)"
+        )
+    return SHARED_FIXTURES
+
+
+def make_test_volume(
+    n: int = 3, height: int = 40, width: int = 64, *, eye: str = "OD", seed: int = 0, fmt: str = "heyex-vol"
+):
+    """A small Volume with known metadata and pixels, for writer/reader round trips."""
+    from datetime import date, datetime
+
+    import numpy as np
+
+    from hrf_batch.volume import BScanPosition, Spacing, Volume, VolumeMeta
+
+    rng = np.random.default_rng(seed)
+    bscans = rng.integers(0, 256, size=(n, height, width)).astype(np.float32)
+    localizer = rng.integers(0, 256, size=(80, 80)).astype(np.float32)
+    spacing = Spacing(lateral_mm=0.01182, axial_mm=0.00387, between_bscans_mm=0.12 if n > 1 else 0.0)
+    positions = tuple(
+        BScanPosition((0.2, 0.3 + i * spacing.between_bscans_mm), (0.2 + width * spacing.lateral_mm, 0.3 + i * spacing.between_bscans_mm))
+        for i in range(n)
+    )
+    meta = VolumeMeta(
+        source_path="", source_sha256="", source_format=fmt, series_uid="S1", patient_id="P012", eye=eye,
+        visit_date=date(2024, 3, 5), acquired_at=datetime(2024, 3, 5, 9, 41, 7), device="Heidelberg Engineering Spectralis",
+        scan_pattern="volume" if n > 1 else "line", spacing=spacing, positions=positions,
+        localizer_spacing_mm=(0.0118, 0.0118), birth_date=date(1950, 6, 1), patient_name="Jane Roe",
+    )
+    return Volume(bscans=bscans, meta=meta, localizer=localizer)
