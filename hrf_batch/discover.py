@@ -78,7 +78,7 @@ def _classify(path: Path, disc: Discovery, dicoms: list[Path], xmls: list[Path],
 
 
 def _group_dicoms(dicoms: list[Path], disc: Discovery) -> set[Path]:
-    """Add one source per OCT series; return the localizer files those series can use."""
+    """One source per multi-frame file and per folder of single-frame instances of one series."""
     from hrf_batch.readers.dicom_oct import peek_dicom
 
     series: dict[str, list[Path]] = defaultdict(list)
@@ -91,8 +91,10 @@ def _group_dicoms(dicoms: list[Path], disc: Discovery) -> set[Path]:
             continue
         if peek is None:
             disc.issues.append(FileIssue(path, f"{path}: DICOM header could not be parsed", "error"))
+        elif peek.is_oct and peek.n_frames == 1:
+            series[f"{path.parent}|{peek.series_uid}"].append(path)
         elif peek.is_oct:
-            series[peek.series_uid].append(path)
+            disc.sources.append(Source("dicom-oct", (path,)))
         elif peek.is_localizer:
             localizers.add(path)
         else:

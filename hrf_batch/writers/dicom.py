@@ -155,8 +155,8 @@ class _Locator:
 def _uids(volume: Volume, multiframe: bool) -> dict[str, str]:
     """Deterministic UIDs so that a rewrite of the same volume names the same objects."""
     meta = volume.meta
-    identity = [meta.source_sha256, meta.series_uid, meta.source_path]
     visit = meta.visit_date.isoformat() if meta.visit_date else ""
+    identity = [meta.source_sha256, meta.series_uid, meta.source_path, meta.patient_id, meta.eye, visit]
     series = meta.series_uid if _is_valid_uid(meta.series_uid) else str(generate_uid(entropy_srcs=["series", *identity]))
     mode = "multiframe" if multiframe else "singleframe"
     return {

@@ -1,0 +1,81 @@
+"""The command line: help everywhere, version, `info` and `scan` on real files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from conftest import make_test_volume
+from hrf_batch import __version__
+from hrf_batch.cli import main
+from hrf_batch.writers.e2e import write_e2e
+
+
+def _all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    out = []
+    for name, cmd in group.commands.items():
+        out.append((*prefix, name))
+        if isinstance(cmd, click.Group):
+            out.extend(_all_commands(cmd, (*prefix, name)))
+    return out
+
+
+def test_every_command_has_help() -> None:
+    runner = CliRunner()
+    commands = _all_commands(main)
+    assert {"info", "scan", "synth"} <= {c[0] for c in commands}
+    for command in commands:
+        result = runner.invoke(main, [*command, "--help"])
+        assert result.exit_code == 0, result.output
+        cmd = main
+        for part in command:
+            cmd = cmd.commands[part]
+        assert cmd.help and len(cmd.help.strip()) > 20, f"{' '.join(command)} has no real help text"
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_info_text_and_json(fixtures_dir: Path) -> None:
+    path = fixtures_dir / "spectralis-raw-data/Willis_B_716_0.vol"
+    text = CliRunner().invoke(main, ["info", str(path)])
+    assert text.exit_code == 0, text.output
+    assert "1 B-scans x 496 x 768 px" in text.output and "eye OD" in text.output
+    assert "lateral 0.01182 mm, axial 0.00387 mm" in text.output and "2017-01-11" in text.output
+    assert "1951" not in text.output  # birth date only with --show-identifiers
+    data = json.loads(CliRunner().invoke(main, ["info", "--json", str(path)]).output)
+    assert data["n_bscans"] == 1 and data["eye"] == "OD" and data["patient_id"] == "01234"
+    assert data["positions"][0]["end_mm"][0] == pytest.approx(9.078, abs=1e-3)
+    assert "birth_date" not in data
+    shown = json.loads(CliRunner().invoke(main, ["info", "--json", "--show-identifiers", str(path)]).output)
+    assert shown["birth_date"] == "1951-10-03"
+
+
+def test_info_lists_every_series_of_an_e2e(tmp_path: Path) -> None:
+    path = write_e2e([make_test_volume(3, eye="OD"), make_test_volume(2, eye="OS")], tmp_path / "x.e2e")
+    data = json.loads(CliRunner().invoke(main, ["info", "--json", str(path)]).output)
+    assert [d["eye"] for d in data] == ["OD", "OS"] and [d["n_bscans"] for d in data] == [3, 2]
+
+
+@pytest.mark.parametrize("name", ["spectralis-raw-data/invalid.vol", "rse-panimg/e2e_minimized.E2E", "rse-panimg/corrupt.fds"])
+def test_info_on_broken_file_is_one_clean_line(fixtures_dir: Path, name: str) -> None:
+    result = CliRunner().invoke(main, ["info", str(fixtures_dir / name)])
+    assert result.exit_code == 1
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and Path(name).name in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_scan_fixtures(fixtures_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["scan", "--json", str(fixtures_dir)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["n_volumes"] == 6 and report["n_errors"] == 3
+    patients = {v["patient_id"] for v in report["visits"]}
+    assert {"01234", "Study-01", "1"} <= patients
