@@ -65,7 +65,8 @@ def _positions(n: int, width: int, lateral: float, field_mm: float) -> tuple[BSc
     return tuple(BScanPosition((x0, y_first - i * step), (x0 + width * lateral, y_first - i * step)) for i in range(n))
 
 
-def _volume(rng: np.random.Generator, spec: StudySpec, patient: str, visit: date, eye: str, burden: float, when: datetime) -> tuple[Volume, np.ndarray]:
+def synthetic_volume(rng: np.random.Generator, spec: StudySpec, patient: str, visit: date, eye: str, burden: float, when: datetime) -> tuple[Volume, np.ndarray]:
+    """One synthetic volume with consistent metadata, and its HRF labels (n, H, W)."""
     images, labels = synth_volume(rng, n_bscans=spec.bscans, height=spec.height, width=spec.width, hrf_prevalence=burden)
     if eye == "OS":  # a left eye is the mirror image of a right one
         images, labels = images[:, :, ::-1].copy(), labels[:, :, ::-1].copy()
@@ -77,7 +78,7 @@ def _volume(rng: np.random.Generator, spec: StudySpec, patient: str, visit: date
         localizer = localizer[:, ::-1].copy()
     between = _SCAN_HEIGHT_MM / (spec.bscans - 1) if spec.bscans > 1 else 0.0
     meta = VolumeMeta(
-        source_path="", source_sha256="", source_format="heyex-vol", series_uid=f"{patient}-{visit:%Y%m%d}-{eye}",
+        source_path="", source_sha256="", source_format="heyex-vol", series_uid=f"{patient}{visit:%y%m%d}{eye}",
         patient_id=patient, eye=eye, visit_date=visit, acquired_at=when, device="Heidelberg Engineering Spectralis",
         scan_pattern="volume" if spec.bscans > 1 else "line", spacing=Spacing(lateral, _AXIAL_MM, between),
         positions=_positions(spec.bscans, spec.width, lateral, loc_size * loc_spacing),
@@ -87,12 +88,14 @@ def _volume(rng: np.random.Generator, spec: StudySpec, patient: str, visit: date
     return Volume(bscans=images.astype(np.float32), meta=meta, localizer=localizer.astype(np.float32)), labels
 
 
-def _write(fmt: str, volumes: list[Volume], visit_dir: Path, stem: str) -> list[Path]:
+def write_format(fmt: str, volumes: list[Volume], visit_dir: Path, stem: str) -> list[Path]:
+    """Write the volumes of one visit in one format; returns the source path of each volume."""
     from hrf_batch.writers.dicom import write_dicom_oct
     from hrf_batch.writers.e2e import write_e2e
     from hrf_batch.writers.heyex_xml import write_heyex_xml
     from hrf_batch.writers.vol import write_vol
 
+    visit_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "heyex-e2e":
         path = write_e2e(volumes, visit_dir / f"{stem}.e2e")
         return [path] * len(volumes)
@@ -126,10 +129,10 @@ def write_synthetic_study(out_dir: Path, spec: StudySpec) -> list[GroundTruthVol
             fmt = FORMAT_CYCLE[k % len(FORMAT_CYCLE)]
             k += 1
             pairs = [
-                _volume(rng, spec, patient, visit, eye, min(0.9, burden * (1 + 0.5 * v)), datetime.combine(visit, datetime.min.time()) + timedelta(hours=9, minutes=5 * i))
+                synthetic_volume(rng, spec, patient, visit, eye, min(0.9, burden * (1 + 0.5 * v)), datetime.combine(visit, datetime.min.time()) + timedelta(hours=9, minutes=5 * i))
                 for i, eye in enumerate(("OD", "OS"))
             ]
-            sources = _write(fmt, [vol for vol, _ in pairs], out_dir / patient / f"{visit:%Y-%m-%d}", stem)
+            sources = write_format(fmt, [vol for vol, _ in pairs], out_dir / patient / f"{visit:%Y-%m-%d}", stem)
             for (vol, labels), source in zip(pairs, sources, strict=True):
                 mask_file = truth_dir / f"{stem}_{vol.meta.eye}.npz"
                 np.savez_compressed(mask_file, labels=labels.astype(np.int16))
