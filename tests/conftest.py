@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["conftest_store"]
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
 

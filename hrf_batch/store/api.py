@@ -1,0 +1,163 @@
+"""The Store: one object per database, every method one short transaction, dataclasses in and out."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from hrf_batch.results import RunInfo, VolumeResult
+from hrf_batch.store import read, write
+from hrf_batch.store.engine import check_schema, display_url, make_engine, resolve_url
+from hrf_batch.store.errors import StoreError
+from hrf_batch.store.records import (
+    IngestErrorRecord,
+    PatientRecord,
+    PatientSummary,
+    RunRecord,
+    StoredBScan,
+    StoredVolume,
+)
+from hrf_batch.volume import VolumeMeta
+
+
+def open_store(url: str | None = None) -> Store:
+    """Open (or create, at the newest schema) the study database; None means ./hrf_batch.sqlite.
+
+    Raises SchemaOutdatedError for a database made by an older hrf-batch: `hrf-batch db upgrade` first.
+    """
+    resolved = resolve_url(url)
+    engine = make_engine(resolved)
+    try:
+        check_schema(engine, resolved)
+    except StoreError:
+        engine.dispose()
+        raise
+    return Store(engine, resolved)
+
+
+class Store:
+    """Reads and writes results; ORM rows stay inside, plain dataclasses come out."""
+
+    def __init__(self, engine: Engine, url: URL) -> None:
+        self._engine = engine
+        self._url = url
+        self._sessions = sessionmaker(engine, expire_on_commit=False)
+
+    @property
+    def url(self) -> str:
+        """The database URL without password."""
+        return display_url(self._url)
+
+    @property
+    def backend(self) -> str:
+        """'sqlite' or 'postgresql'."""
+        return self._url.get_backend_name()
+
+    def close(self) -> None:
+        """Release connections (and the SQLite file)."""
+        self._engine.dispose()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self, action: str) -> Iterator[Session]:
+        """A session in one transaction: commit on success, roll back everything on any error."""
+        try:
+            with self._sessions() as session, session.begin():
+                yield session
+        except IntegrityError as exc:
+            raise StoreError(
+                f"{action} in {self.url} clashed with rows written at the same time; nothing was saved",
+                "run the command again: finished volumes are skipped",
+            ) from exc
+        except SQLAlchemyError as exc:
+            raise StoreError(
+                f"{action} in {self.url} failed; nothing was saved",
+                "check that the database is reachable and writable, then run the command again",
+            ) from exc
+
+    def find_done_run(
+        self, source_sha256: str, series_uid: str, model_id: str, segmenter: str,
+        segmenter_checkpoint_sha256: str | None, params_hash: str, code_version: str,
+    ) -> RunRecord | None:
+        """The finished run with exactly these inputs, so an ingest can skip the volume."""
+        key = write.RunKey(
+            source_sha256, series_uid, model_id, segmenter, segmenter_checkpoint_sha256 or "", params_hash, code_version
+        )
+        with self._transaction("looking up a finished run") as session:
+            return read.find_done_run(session, key)
+
+    def find_done_run_for(self, meta: VolumeMeta, run: RunInfo) -> RunRecord | None:
+        """:meth:`find_done_run` with the key taken from a volume's metadata and the run settings."""
+        key = write.RunKey.of(meta, run)
+        with self._transaction("looking up a finished run") as session:
+            return read.find_done_run(session, key)
+
+    def save_volume_result(self, result: VolumeResult, *, started_at: datetime | None = None) -> RunRecord:
+        """Store all rows of one volume's result in one transaction: all of them or none.
+
+        Patient, visit and volume are created or updated; a done run with the same inputs is left as
+        it is and returned (a rerun is a no-op); a failed run with the same inputs is replaced.
+        ``started_at`` is naive UTC; it defaults to the time of saving.
+        """
+        prepared = write.prepare(result)
+        finished_at = write.utc_now()
+        with self._transaction(f"saving the results of {result.meta.source_path}") as session:
+            run = write.persist(session, prepared, started_at or finished_at, finished_at)
+            return read.run_record(run)
+
+    def record_failed_run(
+        self, meta: VolumeMeta, run: RunInfo, error: str, *, n_bscans: int, bscan_shape: tuple[int, int],
+        started_at: datetime | None = None,
+    ) -> RunRecord:
+        """Keep a trace of a volume the pipeline could not finish (status 'failed' with the error text)."""
+        with self._transaction(f"recording the failed run of {meta.source_path}") as session:
+            row = write.persist_failed(session, meta, n_bscans, bscan_shape, run, error, started_at or write.utc_now())
+            return read.run_record(row)
+
+    def record_ingest_error(self, path: str | Path, reason: str, kind: str = "error", batch_id: str | None = None) -> None:
+        """Remember a file an ingest left out: kind 'error' (unreadable OCT) or 'skipped' (not OCT)."""
+        with self._transaction(f"recording the ingest error for {path}") as session:
+            write.add_ingest_error(session, str(path), reason, kind, batch_id)
+
+    def ingest_errors(self, batch_id: str | None = None) -> list[IngestErrorRecord]:
+        """Files left out by ingests, oldest first."""
+        with self._transaction("reading ingest errors") as session:
+            return read.ingest_errors(session, batch_id)
+
+    def list_patients(self, *, include_identifiers: bool = False) -> list[PatientRecord]:
+        """Every patient with visit/volume counts; names and birth dates only when asked for."""
+        with self._transaction("listing patients") as session:
+            return read.list_patients(session, include_identifiers)
+
+    def patient_summary(self, patient_id: str) -> PatientSummary:
+        """The patient's rows of the three burden views."""
+        with self._transaction(f"reading patient {patient_id}") as session:
+            return read.patient_summary(session, patient_id)
+
+    def volume_results(self, patient_id: str, *, masks: bool = True) -> list[StoredVolume]:
+        """The patient's volumes with their latest done run's B-scans and lesions, masks decoded."""
+        with self._transaction(f"reading the results of patient {patient_id}") as session:
+            return read.volume_results(session, patient_id, masks)
+
+    def bscans_for_run(self, run_id: int, *, masks: bool = True) -> tuple[StoredBScan, ...]:
+        """One run's B-scans in index order."""
+        with self._transaction(f"reading run {run_id}") as session:
+            return read.bscans_for_run(session, run_id, masks)
+
+    def view_rows(self, view: str, patient_id: str | None = None) -> list[Any]:
+        """Rows of `hrf_burden_volume`, `hrf_burden_visit` or `hrf_burden_patient` as dataclasses."""
+        with self._transaction(f"reading view {view}") as session:
+            return read.view_rows(session, view, patient_id)

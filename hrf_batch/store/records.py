@@ -1,0 +1,174 @@
+"""What the store hands back: small frozen dataclasses, never ORM rows (numpy + dataclasses only).
+
+Field names of :class:`VolumeBurden`, :class:`VisitBurden` and :class:`PatientBurden` are the column
+names of the SQL views they are read from, so a report can use either.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+import numpy as np
+
+from hrf_batch.volume import BScanPosition, Spacing
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One pipeline run over one volume and its provenance."""
+
+    run_id: int
+    volume_id: int
+    model_id: str
+    segmenter: str
+    segmenter_checkpoint_sha256: str | None
+    parameters: dict[str, Any]
+    params_hash: str
+    code_version: str
+    device: str
+    seconds: dict[str, float]
+    status: str  # 'running' | 'done' | 'failed'
+    started_at: datetime | None  # naive UTC
+    finished_at: datetime | None  # naive UTC
+    error: str | None
+
+
+@dataclass(frozen=True, eq=False)
+class StoredLesion:
+    """One HRF as stored; ``mask`` is the bool crop inside ``bbox_rc``."""
+
+    lesion_index: int
+    bscan_index: int
+    centroid_rc: tuple[float, float]
+    bbox_rc: tuple[int, int, int, int]
+    area_px: int
+    area_mm2: float
+    centroid_mm: tuple[float, float] | None  # (x, y) on the localizer; None without positions
+    mask: np.ndarray | None  # None when read without masks
+
+
+@dataclass(frozen=True, eq=False)
+class StoredBScan:
+    """One B-scan's result as stored; the relevance map is the downsampled 8-bit QC copy."""
+
+    index: int
+    scores: tuple[float, ...]
+    score: float | None  # classifier score of the original B-scan
+    final_score: float | None  # score before the last iteration
+    hrf_count: int
+    hrf_area_px: int
+    hrf_area_mm2: float
+    relevance_peaks: tuple[tuple[int, int], ...]
+    mask: np.ndarray | None  # bool (H, W); None when read without masks
+    relevance: np.ndarray | None  # float32, ≤ 1/4 of the B-scan per side
+    relevance_max: float | None
+    lesions: tuple[StoredLesion, ...]
+
+
+@dataclass(frozen=True, eq=False)
+class StoredVolume:
+    """A volume's metadata (no identifiers) with the B-scans of one of its runs."""
+
+    volume_id: int
+    patient_id: str
+    visit_date: date | None
+    eye: str
+    source_path: str
+    source_sha256: str
+    source_format: str
+    series_uid: str
+    device: str
+    scan_pattern: str
+    n_bscans: int
+    bscan_shape: tuple[int, int]
+    spacing: Spacing
+    positions: tuple[BScanPosition, ...]
+    acquired_at: datetime | None
+    run: RunRecord
+    bscans: tuple[StoredBScan, ...]
+
+
+@dataclass(frozen=True)
+class PatientRecord:
+    """A patient with how much is stored; name and birth date only when asked for."""
+
+    patient_id: str
+    n_visits: int
+    n_volumes: int
+    first_visit_date: date | None
+    latest_visit_date: date | None
+    name: str | None = None
+    birth_date: date | None = None
+
+
+@dataclass(frozen=True)
+class VolumeBurden:
+    """A row of the `hrf_burden_volume` view."""
+
+    volume_id: int
+    run_id: int
+    model_id: str
+    finished_at: datetime | None
+    patient_id: str
+    visit_date: date | None
+    eye: str
+    series_uid: str
+    n_bscans: int
+    hrf_count: int
+    hrf_positive_bscans: int
+    hrf_area_px: int
+    hrf_area_mm2: float
+
+
+@dataclass(frozen=True)
+class VisitBurden:
+    """A row of the `hrf_burden_visit` view: one patient, visit date and eye."""
+
+    patient_id: str
+    visit_date: date | None
+    eye: str
+    n_volumes: int
+    n_bscans: int
+    hrf_count: int
+    hrf_positive_bscans: int
+    hrf_area_mm2: float
+    previous_visit_date: date | None
+    delta_hrf_count: int | None
+    delta_hrf_area_mm2: float | None
+
+
+@dataclass(frozen=True)
+class PatientBurden:
+    """A row of the `hrf_burden_patient` view: totals over both eyes."""
+
+    patient_id: str
+    n_visits: int
+    first_visit_date: date | None
+    latest_visit_date: date | None
+    latest_hrf_count: int | None
+    latest_hrf_area_mm2: float | None
+    max_hrf_count: int | None
+    hrf_count_change: int | None
+    hrf_area_mm2_change: float | None
+
+
+@dataclass(frozen=True)
+class PatientSummary:
+    """Everything a per-patient report needs from the views."""
+
+    patient: PatientBurden
+    visits: tuple[VisitBurden, ...]
+    volumes: tuple[VolumeBurden, ...]
+
+
+@dataclass(frozen=True)
+class IngestErrorRecord:
+    """A file an ingest left out, and why."""
+
+    path: str
+    reason: str
+    kind: str  # 'error' | 'skipped'
+    recorded_at: datetime  # naive UTC
+    batch_id: str | None

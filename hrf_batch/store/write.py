@@ -1,0 +1,276 @@
+"""Turning a VolumeResult into rows: validate and encode first (no database), then write in one go.
+
+:func:`prepare` does all the numpy work and every check, so the transaction in :func:`persist` is short
+and a bad result never touches the database. Patients, visits and volumes are upserted: a volume is the
+same when its source file hash and series uid are; its metadata is refreshed from the latest reading.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from hrf_batch.results import BScanResult, Lesion, RunInfo, VolumeResult
+from hrf_batch.store import codec
+from hrf_batch.store.errors import StoreError
+from hrf_batch.store.schema import (
+    BScanRow,
+    IngestErrorRow,
+    LesionRow,
+    PatientIdentifierRow,
+    PatientRow,
+    RunRow,
+    VisitRow,
+    VolumeRow,
+)
+from hrf_batch.volume import VolumeMeta
+
+_BUG_HINT = "this is a bug in the pipeline output; please report it with the file that caused it"
+
+
+def utc_now() -> datetime:
+    """Naive UTC: both backends store it the same way and it sorts correctly as text in SQLite."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+@dataclass(frozen=True)
+class RunKey:
+    """Everything that makes two runs the same run (the unique key of `runs` plus the volume)."""
+
+    source_sha256: str
+    series_uid: str
+    model_id: str
+    segmenter: str
+    segmenter_checkpoint_sha256: str  # '' when the segmenter has no checkpoint
+    params_hash: str
+    code_version: str
+
+    @classmethod
+    def of(cls, meta: VolumeMeta, run: RunInfo) -> RunKey:
+        return cls(
+            meta.source_sha256, meta.series_uid, run.model_id, run.segmenter,
+            run.segmenter_checkpoint_sha256 or "", codec.params_hash(run.parameters), run.code_version,
+        )
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A VolumeResult checked and encoded, ready to become rows."""
+
+    meta: VolumeMeta
+    run: RunInfo
+    key: RunKey
+    parameters: dict[str, Any]
+    n_bscans: int
+    bscan_shape: tuple[int, int]
+    bscans: tuple[dict[str, Any], ...]  # BScanRow fields, plus 'lesions': LesionRow fields
+
+
+def prepare(result: VolumeResult) -> Prepared:
+    """Check a result for consistency and encode its masks; raises StoreError before any write."""
+    height, width = (int(s) for s in result.bscan_shape)
+    if not result.bscans:
+        raise StoreError(f"{result.meta.source_path}: result has no B-scans", _BUG_HINT)
+    indices = [b.index for b in result.bscans]
+    if len(set(indices)) != len(indices) or min(indices) < 0:
+        raise StoreError(f"{result.meta.source_path}: B-scan indices repeat or are negative", _BUG_HINT)
+    n_bscans = max(len(result.meta.positions), max(indices) + 1)
+    bscans = tuple(_bscan_fields(b, result.meta, (height, width)) for b in result.bscans)
+    return Prepared(
+        meta=result.meta, run=result.run, key=RunKey.of(result.meta, result.run),
+        parameters=codec.normalise_parameters(result.run.parameters), n_bscans=n_bscans,
+        bscan_shape=(height, width), bscans=bscans,
+    )
+
+
+def _bscan_fields(b: BScanResult, meta: VolumeMeta, shape: tuple[int, int]) -> dict[str, Any]:
+    mask = np.asarray(b.mask)
+    if mask.shape != shape:
+        raise StoreError(f"B-scan {b.index}: mask shape {mask.shape} is not the B-scan shape {shape}", _BUG_HINT)
+    scores = [float(s) for s in b.scores]
+    if not all(math.isfinite(s) for s in scores):
+        raise StoreError(f"B-scan {b.index}: scores {scores} are not all finite", _BUG_HINT)
+    relevance_png, relevance_max = (None, None)
+    if b.relevance is not None:
+        relevance_png, relevance_max = codec.encode_relevance(b.relevance, shape)
+    return {
+        "bscan_index": int(b.index),
+        "scores": scores,
+        "score": scores[0] if scores else None,
+        "final_score": scores[-1] if scores else None,
+        "hrf_count": b.hrf_count,
+        "hrf_area_px": b.hrf_area_px,
+        "hrf_area_mm2": area_mm2(b.hrf_area_px, meta),
+        "relevance_peaks": [[int(r), int(c)] for r, c in b.relevance_peaks],
+        "mask_png": codec.encode_mask(mask),
+        "relevance_png": relevance_png,
+        "relevance_max": relevance_max,
+        "lesions": [_lesion_fields(i, les, b.index, meta, shape) for i, les in enumerate(b.lesions)],
+    }
+
+
+def _lesion_fields(i: int, les: Lesion, index: int, meta: VolumeMeta, shape: tuple[int, int]) -> dict[str, Any]:
+    r0, c0, r1, c1 = (int(v) for v in les.bbox_rc)
+    if les.bscan_index != index or not (0 <= r0 < r1 <= shape[0] and 0 <= c0 < c1 <= shape[1]):
+        raise StoreError(
+            f"B-scan {index}: lesion {i} has B-scan {les.bscan_index} or box {les.bbox_rc} outside {shape}", _BUG_HINT
+        )
+    if np.shape(les.mask) != (r1 - r0, c1 - c0) or int(les.area_px) <= 0:
+        raise StoreError(
+            f"B-scan {index}: lesion {i} mask {np.shape(les.mask)} does not fit its box or has no area", _BUG_HINT
+        )
+    row, col = (float(v) for v in les.centroid_rc)
+    on_localizer = localizer_mm(meta, index, col, shape[1])
+    return {
+        "lesion_index": i, "centroid_row": row, "centroid_col": col,
+        "bbox_row0": r0, "bbox_col0": c0, "bbox_row1": r1, "bbox_col1": c1,
+        "area_px": int(les.area_px), "area_mm2": area_mm2(int(les.area_px), meta),
+        "mask_png": codec.encode_mask(np.asarray(les.mask)),
+        "centroid_x_mm": on_localizer[0] if on_localizer else None,
+        "centroid_y_mm": on_localizer[1] if on_localizer else None,
+    }
+
+
+def area_mm2(area_px: int, meta: VolumeMeta) -> float:
+    """px × lateral × axial, multiplied in this order, as the SQL views do, so the numbers agree."""
+    return area_px * float(meta.spacing.lateral_mm) * float(meta.spacing.axial_mm)
+
+
+def localizer_mm(meta: VolumeMeta, index: int, col: float, width: int) -> tuple[float, float] | None:
+    """Where column ``col`` of B-scan ``index`` lies on the localizer (mm), or None when unknown.
+
+    Start and end are the first and last A-scan, so column c sits at c / (width - 1) of the way.
+    Circle scans store the centre as end point, so a straight line would be wrong: None for them.
+    """
+    if meta.scan_pattern == "circle" or index >= len(meta.positions):
+        return None
+    pos = meta.positions[index]
+    t = col / (width - 1) if width > 1 else 0.0
+    return (
+        pos.start_mm[0] + t * (pos.end_mm[0] - pos.start_mm[0]),
+        pos.start_mm[1] + t * (pos.end_mm[1] - pos.start_mm[1]),
+    )
+
+
+def persist(session: Session, prepared: Prepared, started_at: datetime, finished_at: datetime) -> RunRow:
+    """Write a prepared result as a 'done' run; an existing done run with the same key is returned as is."""
+    volume = upsert_volume(session, prepared.meta, prepared.n_bscans, prepared.bscan_shape)
+    existing = _run_with_key(session, volume.id, prepared.key)
+    if existing is not None and existing.status == "done":
+        return existing
+    if existing is not None:  # a failed or interrupted attempt with the same inputs: replace it
+        session.delete(existing)
+        session.flush()
+    run = _new_run(volume, prepared.run, prepared.key, prepared.parameters, "done", started_at)
+    run.finished_at = finished_at
+    session.add(run)
+    for fields in prepared.bscans:
+        _add_bscan(run, fields)
+    session.flush()
+    return run
+
+
+def _add_bscan(run: RunRow, fields: dict[str, Any]) -> None:
+    lesions = [LesionRow(**lesion) for lesion in fields["lesions"]]
+    run.bscans.append(BScanRow(**{k: v for k, v in fields.items() if k != "lesions"}, lesions=lesions))
+
+
+def persist_failed(
+    session: Session, meta: VolumeMeta, n_bscans: int, bscan_shape: tuple[int, int], run: RunInfo, error: str,
+    started_at: datetime,
+) -> RunRow:
+    """Record a run that failed; a done run with the same key stays untouched and is returned."""
+    volume = upsert_volume(session, meta, n_bscans, bscan_shape)
+    key = RunKey.of(meta, run)
+    row = _run_with_key(session, volume.id, key)
+    if row is None:
+        row = _new_run(volume, run, key, codec.normalise_parameters(run.parameters), "failed", started_at)
+        session.add(row)
+    elif row.status == "done":
+        return row
+    row.status, row.error, row.started_at, row.finished_at = "failed", error, started_at, utc_now()
+    session.flush()
+    return row
+
+
+def _new_run(
+    volume: VolumeRow, run: RunInfo, key: RunKey, parameters: dict[str, Any], status: str, started_at: datetime
+) -> RunRow:
+    return RunRow(
+        volume=volume, model_id=run.model_id, segmenter=run.segmenter,
+        segmenter_checkpoint_sha256=key.segmenter_checkpoint_sha256, parameters=parameters,
+        params_hash=key.params_hash, code_version=run.code_version, device=run.device,
+        seconds={str(k): float(v) for k, v in run.seconds.items()}, status=status, started_at=started_at,
+    )
+
+
+def _run_with_key(session: Session, volume_pk: int, key: RunKey) -> RunRow | None:
+    return session.scalars(
+        select(RunRow).where(
+            RunRow.volume_pk == volume_pk, RunRow.model_id == key.model_id, RunRow.segmenter == key.segmenter,
+            RunRow.segmenter_checkpoint_sha256 == key.segmenter_checkpoint_sha256,
+            RunRow.params_hash == key.params_hash, RunRow.code_version == key.code_version,
+        )
+    ).one_or_none()
+
+
+def upsert_patient(session: Session, meta: VolumeMeta) -> PatientRow:
+    """The patient row for ``meta.patient_id``; name/birth date are updated when the file has them."""
+    patient = session.scalars(select(PatientRow).where(PatientRow.patient_id == meta.patient_id)).one_or_none()
+    if patient is None:
+        patient = PatientRow(patient_id=meta.patient_id)
+        session.add(patient)
+        session.flush()
+    if meta.patient_name or meta.birth_date:
+        ident = session.get(PatientIdentifierRow, patient.id) or PatientIdentifierRow(patient_pk=patient.id, name="")
+        ident.name = meta.patient_name or ident.name
+        ident.birth_date = meta.birth_date or ident.birth_date
+        session.add(ident)
+    return patient
+
+
+def upsert_visit(session: Session, patient: PatientRow, visit_date: date | None) -> VisitRow:
+    """The visit of ``patient`` on ``visit_date``; None (date unknown) is one visit of its own."""
+    same_date = VisitRow.visit_date.is_(None) if visit_date is None else VisitRow.visit_date == visit_date
+    visit = session.scalars(select(VisitRow).where(VisitRow.patient_pk == patient.id, same_date)).one_or_none()
+    if visit is None:
+        visit = VisitRow(patient=patient, visit_date=visit_date)
+        session.add(visit)
+        session.flush()
+    return visit
+
+
+def upsert_volume(session: Session, meta: VolumeMeta, n_bscans: int, bscan_shape: tuple[int, int]) -> VolumeRow:
+    """The volume row for (source hash, series uid), its metadata refreshed from ``meta``."""
+    visit = upsert_visit(session, upsert_patient(session, meta), meta.visit_date)
+    volume = session.scalars(
+        select(VolumeRow).where(VolumeRow.source_sha256 == meta.source_sha256, VolumeRow.series_uid == meta.series_uid)
+    ).one_or_none()
+    if volume is None:
+        volume = VolumeRow(source_sha256=meta.source_sha256, series_uid=meta.series_uid)
+        session.add(volume)
+    volume.visit = visit
+    volume.eye, volume.source_path, volume.source_format = meta.eye, meta.source_path, meta.source_format
+    volume.device, volume.scan_pattern, volume.n_bscans = meta.device, meta.scan_pattern, int(n_bscans)
+    volume.bscan_height, volume.bscan_width = (int(s) for s in bscan_shape)
+    volume.spacing_lateral_mm = float(meta.spacing.lateral_mm)
+    volume.spacing_axial_mm = float(meta.spacing.axial_mm)
+    volume.spacing_between_mm = float(meta.spacing.between_bscans_mm)
+    volume.positions = [[*map(float, p.start_mm), *map(float, p.end_mm)] for p in meta.positions]
+    volume.localizer_spacing_mm = list(meta.localizer_spacing_mm) if meta.localizer_spacing_mm else None
+    volume.acquired_at = meta.acquired_at
+    session.flush()
+    return volume
+
+
+def add_ingest_error(session: Session, path: str, reason: str, kind: str, batch_id: str | None) -> None:
+    """One row in `ingest_errors`; ``kind`` is checked so a typo cannot hide a file."""
+    if kind not in ("error", "skipped"):
+        raise StoreError(f"ingest error kind must be 'error' or 'skipped', got {kind!r}", "pass one of the two kinds")
+    session.add(IngestErrorRow(path=str(path), reason=reason, kind=kind, recorded_at=utc_now(), batch_id=batch_id))
