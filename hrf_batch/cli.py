@@ -7,12 +7,16 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import click
 
 from hrf_batch import __version__
 from hrf_batch.errors import HrfBatchError
+
+if TYPE_CHECKING:
+    from hrf_batch.config import Settings
+    from hrf_batch.labels import LabelledBScans
 
 
 def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -31,7 +35,10 @@ def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="hrf-batch")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
-def main(verbose: int) -> None:
+@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="TOML settings file (default: ./hrf-batch.toml if present).")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, config_file: Path | None) -> None:
     """Count and outline hyper-reflective foci (HRF) in OCT studies.
 
     Reads HEYEX .vol/.e2e/XML, DICOM OCT and Topcon .fds exports, finds HRFs with a weakly
@@ -39,6 +46,13 @@ def main(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    ctx.obj = {"config_file": config_file}
+
+
+def _settings(ctx: click.Context, **flags: Any) -> Settings:
+    from hrf_batch.config import load_settings
+
+    return load_settings(flags, ctx.obj.get("config_file") if ctx.obj else None)
 
 
 def _format_info(summary: dict[str, Any]) -> str:
@@ -131,3 +145,61 @@ def synth(out_dir: Path, patients: int, visits: int, bscans: int, width: int, he
         f"wrote {len(manifest)} volumes for {patients} patients to {out_dir} "
         f"(ground truth in {out_dir / 'ground_truth'})"
     )
+
+
+def _labelled(study_dir: Path, labels: Path | None) -> LabelledBScans:
+    from hrf_batch.labels import load_csv_labels, load_study_labels
+
+    return load_csv_labels(labels, study_dir) if labels else load_study_labels(study_dir)
+
+
+@main.command()
+@click.argument("study_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False), help="Model folder to write.")
+@click.option("--labels", type=click.Path(path_type=Path, dir_okay=False), help="CSV: file, bscan_index, count|label[, eye]. Default: the study's ground_truth/manifest.csv.")
+@click.option("--preset", default="cct-small", show_default=True, help="Architecture preset (see `hrf-batch models --presets`).")
+@click.option("--task", type=click.Choice(["binary", "3class", "regression"]), default="binary", show_default=True, help="Head: HRF yes/no, 0/1/>1 HRF, or HRF count.")
+@click.option("--steps", default=600, show_default=True, type=click.IntRange(1), help="Optimizer steps.")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(1), help="B-scans per step.")
+@click.option("--max-lr", default=1e-3, show_default=True, type=float, help="OneCycle peak learning rate.")
+@click.option("--eval-every", default=100, show_default=True, type=click.IntRange(1), help="Validate every N steps.")
+@click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.05, 0.5), help="Share of patients held out.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for the split, init and batches.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--alexnet-weights", type=click.Path(path_type=Path, dir_okay=False), help="Local ImageNet AlexNet weights for MIL presets.")
+@click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt.")
+@_friendly
+def train(study_dir: Path, out_dir: Path, labels: Path | None, preset: str, task: str, steps: int, batch_size: int,
+          max_lr: float, eval_every: int, val_fraction: float, seed: int, device: str, alexnet_weights: Path | None,
+          resume: bool) -> None:
+    """Train a B-scan classifier from image-level labels; the best model by validation AUROC is kept."""
+    from hrf_batch.train import TrainConfig, train_model
+
+    data = _labelled(study_dir, labels)
+    cfg = TrainConfig(preset=preset, task=task, steps=steps, batch_size=batch_size, max_lr=max_lr, eval_every=eval_every,
+                      val_fraction=val_fraction, seed=seed, device=device,
+                      alexnet_weights=str(alexnet_weights) if alexnet_weights else None,
+                      takeoff_steps=min(300, steps // 2))
+    info = train_model(data, cfg, out_dir, source=str(study_dir), resume=resume)
+    m = info.config.metrics
+    click.echo(f"saved {info.model_id} to {out_dir}: validation AUROC {m['auroc']:.3f}, AP {m['ap']:.3f}, "
+               f"F1 {m['f1']:.3f} at threshold {m['threshold']:.3f}")
+
+
+@main.command()
+@click.argument("study_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--model", help="Model folder (default: the shipped model).")
+@click.option("--labels", type=click.Path(path_type=Path, dir_okay=False), help="CSV labels instead of the study's ground truth.")
+@click.option("--device", help="cpu, cuda or auto.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+@_friendly
+def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Path | None, device: str | None, as_json: bool) -> None:
+    """Score a labelled study with a model: AUROC, AP and F1 for HRF presence."""
+    from hrf_batch.classify import load_classifier
+    from hrf_batch.evaluate import evaluate_classifier, format_metrics
+
+    settings = _settings(ctx, model=model, device=device)
+    clf = load_classifier(settings.model, settings.device, settings.batch_size)
+    metrics = evaluate_classifier(clf, _labelled(study_dir, labels))
+    click.echo(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics))

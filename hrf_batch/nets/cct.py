@@ -52,6 +52,10 @@ CCT_PRESETS: dict[str, dict[str, Any]] = {
     "cct-small": dict(dim=128, depth=4, heads=4, mlp_ratio=2.0, tokenizer_layers=2, tokenizer_channels=32,
                       kernel_size=7, conv_stride=2, batchnorm=True, pooling="max", pos_embed="sincos-2d",
                       dropout=0.0, attn_dropout=0.1, drop_path=0.1),
+    # half the width and depth of cct-small: ~3x cheaper per step on a CPU, the shipped default
+    "cct-lite": dict(dim=64, depth=2, heads=2, mlp_ratio=2.0, tokenizer_layers=2, tokenizer_channels=32,
+                     kernel_size=7, conv_stride=2, batchnorm=True, pooling="max", pos_embed="sincos-2d",
+                     dropout=0.0, attn_dropout=0.1, drop_path=0.05),
     # CCT-7/7x2 of Hassani et al. as the paper used it: 7 blocks, dim 256, sequence pooling
     "cct-7/7x2": dict(dim=256, depth=7, heads=4, mlp_ratio=2.0, tokenizer_layers=2, tokenizer_channels=64,
                       kernel_size=7, conv_stride=2, batchnorm=False, pooling="seq", pos_embed="learned-2d",

@@ -1,0 +1,77 @@
+"""Batched classifier scores for many B-scans: numpy in, numpy out.
+
+The model sees full-resolution B-scans normalised with the training set's mean/std; scores are
+the task head's HRF-presence score in [0, 1] (binary: probability; 3-class: 1 − p(no HRF);
+regression: 1 − exp(−count)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from hrf_batch.checkpoint import ModelInfo, load_model, resolve_device
+from hrf_batch.nets import Task, get_task
+
+
+@dataclass
+class Classifier:
+    """A loaded model with what is needed to feed it; built once per run, passed down."""
+
+    model: nn.Module
+    info: ModelInfo
+    task: Task
+    device: torch.device
+    batch_size: int = 8
+
+    @property
+    def model_id(self) -> str:
+        return self.info.model_id
+
+
+def load_classifier(model_dir: str, device: str = "auto", batch_size: int = 8) -> Classifier:
+    """Load a model folder for inference on ``device`` ("auto" picks CUDA when available)."""
+    dev = resolve_device(device)
+    model, info = load_model(model_dir, device=str(dev))
+    model.eval()
+    return Classifier(model=model, info=info, task=get_task(info.config.task), device=dev, batch_size=batch_size)
+
+
+def to_tensor(images: np.ndarray, mean: float, std: float, device: torch.device) -> torch.Tensor:
+    """(B, H, W) display-scale pixels → normalised (B, 1, H, W) float32 tensor on ``device``."""
+    x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).to(device)
+    return ((x - mean) / std).unsqueeze(1)
+
+
+def normalise(clf: Classifier, images: np.ndarray) -> torch.Tensor:
+    """The classifier's input tensor for a batch of display-scale B-scans."""
+    return to_tensor(images, clf.info.config.norm_mean, clf.info.config.norm_std, clf.device)
+
+
+def score_images(model: torch.nn.Module, task_name: str, images: list[np.ndarray], mean: float, std: float,
+                 device: torch.device, batch_size: int = 8) -> np.ndarray:
+    """HRF scores for B-scans of possibly different sizes (batched per size)."""
+    task = get_task(task_name)
+    out = np.empty(len(images), dtype=np.float32)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, img in enumerate(images):
+        by_shape.setdefault(img.shape, []).append(i)
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for idx in by_shape.values():
+            for start in range(0, len(idx), batch_size):
+                pick = idx[start : start + batch_size]
+                x = to_tensor(np.stack([images[i] for i in pick]), mean, std, device)
+                out[pick] = task.score(model(x)).float().cpu().numpy()
+    model.train(was_training)
+    return out
+
+
+def score_bscans(clf: Classifier, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """HRF-presence scores ``(n,)`` for display-scale B-scans ``(n, H, W)`` (or a list of sizes)."""
+    cfg = clf.info.config
+    return score_images(clf.model, cfg.task, list(images), cfg.norm_mean, cfg.norm_std, clf.device, clf.batch_size)

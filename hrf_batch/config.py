@@ -1,0 +1,95 @@
+"""Settings, read once and passed down: command-line flags > HRF_BATCH_* environment variables >
+a TOML config file (``--config FILE`` or ``./hrf-batch.toml``) > defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from hrf_batch.errors import HrfBatchError
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+MODELS_DIR = PROJECT_ROOT / "models"
+DEFAULT_MODEL = "cct-small-synth"
+DEFAULT_DB = "hrf_batch.sqlite"
+CONFIG_FILE = "hrf-batch.toml"
+
+
+@dataclass(frozen=True)
+class Settings:
+    db: str = f"sqlite:///{DEFAULT_DB}"
+    model: str = str(MODELS_DIR / DEFAULT_MODEL)
+    device: str = "auto"
+    segmenter: str = "auto"  # auto | sam2 | region
+    sam2_checkpoint: str | None = None
+    sam2_size: str = "tiny"
+    batch_size: int = 8
+    box_px: int = 4
+    crop_px: int = 75
+    max_iterations: int = 6
+    stop_score: float = 0.05
+    threshold: float | None = None  # None: the model's own threshold
+    min_lesion_px: int = 5
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def _convert(name: str, value: Any, origin: str) -> Any:
+    """Coerce a setting from text (env vars) or TOML to the field's type, with a clear error."""
+    if value is None:
+        return None
+    kind = _FIELDS[name].type
+    try:
+        if "int" in kind and "float" not in kind:
+            return int(value)
+        if "float" in kind:
+            return float(value)
+    except (TypeError, ValueError) as exc:
+        raise HrfBatchError(f"setting {name} from {origin} is {value!r}, not a number", f"fix {origin}") from exc
+    return str(value)
+
+
+def _from_file(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise HrfBatchError(f"cannot read config file {path}: {exc.strerror}", "check the --config path") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise HrfBatchError(f"config file {path} is not valid TOML: {exc}", "fix the file") from exc
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise HrfBatchError(f"config file {path} has unknown settings {unknown}", f"known settings: {sorted(_FIELDS)}")
+    return {k: _convert(k, v, str(path)) for k, v in data.items()}
+
+
+def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
+    out = {}
+    for name in _FIELDS:
+        key = f"HRF_BATCH_{name.upper()}"
+        if env.get(key, "") != "":
+            out[name] = _convert(name, env[key], f"environment variable {key}")
+    return out
+
+
+def db_url(value: str) -> str:
+    """A database URL from a URL or a plain file path (taken as a SQLite file)."""
+    return value if "://" in value else f"sqlite:///{value}"
+
+
+def load_settings(flags: Mapping[str, Any] | None = None, config_file: Path | None = None,
+                  env: Mapping[str, str] | None = None) -> Settings:
+    """Merge the sources; ``flags`` with value None do not override anything."""
+    env = os.environ if env is None else env
+    merged: dict[str, Any] = {}
+    path = config_file or (Path.cwd() / CONFIG_FILE if (Path.cwd() / CONFIG_FILE).is_file() else None)
+    if path is not None:
+        merged.update(_from_file(Path(path)))
+    merged.update(_from_env(env))
+    merged.update({k: v for k, v in (flags or {}).items() if v is not None and k in _FIELDS})
+    settings = Settings(**merged)
+    return dataclasses.replace(settings, db=db_url(settings.db))

@@ -1,0 +1,164 @@
+"""Training from image-level labels: split, batches, augmentation, resume, restart, evaluation, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from hrf_batch import train as train_mod
+from hrf_batch.augment import AugmentConfig, augment
+from hrf_batch.classify import load_classifier, score_bscans
+from hrf_batch.cli import main
+from hrf_batch.config import load_settings
+from hrf_batch.errors import HrfBatchError
+from hrf_batch.evaluate import evaluate_classifier
+from hrf_batch.labels import LabelError, load_csv_labels, load_study_labels
+from hrf_batch.sample_study import StudySpec, write_synthetic_study
+from hrf_batch.train import BalancedBatches, TrainConfig, split_by_patient, train_model
+
+TINY = dict(preset="cct-tiny", batch_size=4, device="cpu", max_lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("study")
+    write_synthetic_study(root, StudySpec(patients=4, visits=1, bscans=3, width=96, height=64, seed=3))
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(study: Path):
+    return load_study_labels(study)
+
+
+def test_labels_from_study(data) -> None:
+    assert len(data) == 4 * 2 * 3
+    assert data.images[0].dtype == np.uint8 and data.images[0].shape == (64, 96)
+    assert set(data.patients.tolist()) == {"P001", "P002", "P003", "P004"}
+    assert all(int(c) == len(np.unique(m[m > 0])) for c, m in zip(data.counts, data.masks))
+
+
+def test_patient_split_is_disjoint() -> None:
+    patients = np.array(["A"] * 5 + ["B"] * 3 + ["C"] * 4 + ["D"] * 2)
+    tr, va = split_by_patient(patients, 0.25, seed=1)
+    assert set(patients[tr]).isdisjoint(patients[va])
+    assert sorted(np.concatenate([tr, va]).tolist()) == list(range(len(patients)))
+    with pytest.raises(HrfBatchError, match="at least 2 patients"):
+        split_by_patient(np.array(["A", "A"]), 0.2, 0)
+
+
+def test_balanced_batches(data) -> None:
+    batches = BalancedBatches(data, 4, seed=0)
+    for _ in range(5):
+        idx = batches.next()
+        assert len(idx) == 4 and (data.counts[idx] > 0).sum() == 2
+
+
+def test_augment_keeps_range_and_identity_is_identity() -> None:
+    x = torch.rand(3, 1, 40, 60) * 255
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 255
+    ident = AugmentConfig(max_shift_frac=0, flip_p=0, scale=(1, 1), max_rotation_deg=0, gain=(1, 1), gamma=(1, 1))
+    same = augment(x, torch.Generator().manual_seed(0), ident)
+    assert torch.allclose(same, x, atol=1e-3)
+
+
+@pytest.mark.parametrize("task", ["binary", "3class", "regression"])
+def test_train_saves_best_model_with_training_stats(tmp_path: Path, data, task: str) -> None:
+    cfg = TrainConfig(task=task, steps=6, eval_every=3, **TINY)
+    info = train_model(data, cfg, tmp_path / "m", source="unit", progress=False)
+    saved = json.loads((tmp_path / "m/config.json").read_text())
+    assert saved["task"] == task and saved["model_id"] == info.model_id
+    train_idx, _ = split_by_patient(data.patients, cfg.val_fraction, cfg.seed)
+    pixels = np.concatenate([data.images[i].ravel()[::7] for i in train_idx]).astype(float)
+    assert saved["norm_mean"] == pytest.approx(pixels.mean()) and saved["norm_std"] == pytest.approx(pixels.std())
+    assert [h["step"] for h in saved["training"]["history"]] == [3.0, 6.0]
+    assert 0.0 <= saved["metrics"]["threshold"] <= 1.0
+    clf = load_classifier(str(tmp_path / "m"), "cpu")
+    scores = score_bscans(clf, np.stack(data.images[:4]).astype(np.float32))
+    assert scores.shape == (4,) and np.all((scores >= 0) & (scores <= 1))
+    metrics = evaluate_classifier(clf, data)
+    assert metrics["n"] == len(data) and {"auroc", "ap", "f1"} <= set(metrics)
+
+
+def test_resume_after_interruption(tmp_path: Path, data, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = TrainConfig(steps=8, eval_every=4, **TINY)
+    real_step = train_mod._train_step
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train_mod, "_train_step", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train_model(data, cfg, tmp_path / "m", progress=False)
+    monkeypatch.setattr(train_mod, "_train_step", real_step)
+    info = train_model(data, cfg, tmp_path / "m", progress=False, resume=True)
+    history = info.config.training["history"]
+    assert [h["step"] for h in history] == [4.0, 8.0]
+    with pytest.raises(HrfBatchError, match="other data or settings"):
+        train_model(data, TrainConfig(steps=9, eval_every=4, **TINY), tmp_path / "m", progress=False, resume=True)
+
+
+def test_run_that_does_not_take_off_is_restarted(tmp_path: Path, data) -> None:
+    cfg = TrainConfig(steps=6, eval_every=2, takeoff_steps=2, takeoff_auroc=1.01, max_restarts=1, seed=5, **TINY)
+    info = train_model(data, cfg, tmp_path / "m", progress=False)
+    restarts = info.config.training["restarts"]
+    assert len(restarts) == 1 and restarts[0]["seed"] == 5
+    assert info.config.metrics["seed"] in (5.0, 6.0)
+
+
+def test_csv_labels(tmp_path: Path, study: Path) -> None:
+    vol = next(study.rglob("*.vol"))
+    rel = vol.relative_to(study).as_posix()
+    path = tmp_path / "labels.csv"
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "bscan_index", "count"])
+        w.writerows([[rel, 0, 2], [rel, 2, 0]])
+    data = load_csv_labels(path, study)
+    assert data.counts.tolist() == [2, 0] and len(data.images) == 2
+    path.write_text("file,bscan_index,count\n" + f"{rel},7,1\n")
+    with pytest.raises(LabelError, match="out of range"):
+        load_csv_labels(path, study)
+    path.write_text("name,index\nx,1\n")
+    with pytest.raises(LabelError, match="needs file, bscan_index and count"):
+        load_csv_labels(path, study)
+
+
+def test_settings_precedence(tmp_path: Path) -> None:
+    cfg = tmp_path / "hrf-batch.toml"
+    cfg.write_text('device = "cuda"\nbatch_size = 4\ndb = "from_file.sqlite"\n')
+    s = load_settings({"device": None}, cfg, env={"HRF_BATCH_BATCH_SIZE": "2"})
+    assert (s.device, s.batch_size, s.db) == ("cuda", 2, "sqlite:///from_file.sqlite")
+    s = load_settings({"device": "cpu"}, cfg, env={"HRF_BATCH_BATCH_SIZE": "2"})
+    assert s.device == "cpu"
+    with pytest.raises(HrfBatchError, match="not a number"):
+        load_settings({}, None, env={"HRF_BATCH_CROP_PX": "big"})
+    cfg.write_text("colour = 1\n")
+    with pytest.raises(HrfBatchError, match="unknown settings"):
+        load_settings({}, cfg, env={})
+
+
+def test_train_and_evaluate_commands(tmp_path: Path, study: Path) -> None:
+    runner = CliRunner()
+    out = tmp_path / "model"
+    result = runner.invoke(main, ["train", str(study), "--out", str(out), "--preset", "cct-tiny", "--steps", "4",
+                                  "--eval-every", "2", "--batch-size", "4", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "validation AUROC" in result.output
+    result = runner.invoke(main, ["evaluate", str(study), "--model", str(out), "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.output)
+    assert metrics["n"] == 24 and metrics["model_id"].startswith("cct-")
+    missing = runner.invoke(main, ["evaluate", str(study), "--model", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "model folder not found" in missing.output
