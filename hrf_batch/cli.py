@@ -203,3 +203,119 @@ def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Pat
     clf = load_classifier(settings.model, settings.device, settings.batch_size)
     metrics = evaluate_classifier(clf, _labelled(study_dir, labels))
     click.echo(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics))
+
+
+EXIT_PARTIAL = 3
+
+
+@main.command()
+@click.argument("study_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--db", help="Database URL or SQLite file (default: HRF_BATCH_DB, else ./hrf_batch.sqlite).")
+@click.option("--model", help="Model folder (default: the shipped model).")
+@click.option("--device", help="cpu, cuda or auto (default auto: CUDA when available).")
+@click.option("--segmenter", type=click.Choice(["auto", "sam2", "region"]), help="auto: SAM 2 when its checkpoint is found, else region growing.")
+@click.option("--sam2-checkpoint", help="SAM 2.1 checkpoint file (.pt).")
+@click.option("--sam2-size", type=click.Choice(["tiny", "small", "base_plus", "large"]), help="SAM 2.1 model size.")
+@click.option("--batch-size", type=click.IntRange(1), help="B-scans per forward pass.")
+@click.option("--max-iterations", type=click.IntRange(1, 50), help="Segment-and-inpaint iterations per B-scan (default 6).")
+@click.option("--stop-score", type=click.FloatRange(0, 1), help="Stop a B-scan when its score falls below this (default 0.05).")
+@click.option("--threshold", type=click.FloatRange(0, 1), help="Decision threshold (default: the model's own).")
+@click.option("--crop-px", type=click.IntRange(50, 100), help="Crop size around the relevance peak (default 75).")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.pass_context
+@_friendly
+def ingest(ctx: click.Context, study_dir: Path, quiet: bool, **flags: Any) -> None:
+    """Find every OCT volume in STUDY_DIR, segment its HRFs and store them in the study database.
+
+    One transaction per volume; volumes already processed with the same model, segmenter and
+    parameters are skipped, so an interrupted run resumes. Exit code 0: everything readable was
+    processed; 3: some files or volumes failed (recorded in the database, the rest stored);
+    1: nothing could be done (bad settings, missing model, database unreachable).
+    """
+    from hrf_batch.ingest import ingest_study
+
+    settings = _settings(ctx, **flags)
+    summary = ingest_study(study_dir, settings, progress=not quiet)
+    click.echo(summary.text())
+    if summary.failed:
+        ctx.exit(EXIT_PARTIAL)
+
+
+@main.group()
+def db() -> None:
+    """Study database maintenance (schema migrations)."""
+
+
+@db.command("upgrade")
+@click.option("--db", "db_opt", help="Database URL or SQLite file (default: HRF_BATCH_DB, else ./hrf_batch.sqlite).")
+@click.pass_context
+@_friendly
+def db_upgrade(ctx: click.Context, db_opt: str | None) -> None:
+    """Migrate an existing study database to the schema this version needs (keeps all data)."""
+    from hrf_batch.store import upgrade
+
+    settings = _settings(ctx, db=db_opt)
+    revision = upgrade(settings.db)
+    click.echo(f"database {settings.db} is at schema revision {revision}")
+
+
+@main.command()
+@click.option("--dir", "models_dir", type=click.Path(path_type=Path, file_okay=False), help="Folder of model folders (default: the shipped models/).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+@_friendly
+def models(ctx: click.Context, models_dir: Path | None, as_json: bool) -> None:
+    """List the classifier models with their ids and purpose, and whether SAM 2 is ready."""
+    from hrf_batch.catalog import list_models
+    from hrf_batch.config import MODELS_DIR
+    from hrf_batch.segment import sam2_status
+
+    settings = _settings(ctx)
+    found = list_models(models_dir or MODELS_DIR)
+    sam2 = sam2_status(settings.sam2_checkpoint, settings.sam2_size)
+    if as_json:
+        click.echo(json.dumps({"models": found, "default_model": settings.model, "sam2": sam2}, indent=2))
+        return
+    for m in found:
+        default = "  [default]" if Path(m["path"]).resolve() == Path(settings.model).resolve() else ""
+        auroc = f"{m['val_auroc']:.3f}" if isinstance(m["val_auroc"], (int, float)) else "n/a"
+        state = "" if m["intact"] else "  WEIGHTS CHANGED SINCE SAVING"
+        click.echo(f"{m['model_id']}  {m['preset'] or ''} {m['task']}  val AUROC {auroc}{default}{state}\n    {m['path']}\n    {m['purpose']}")
+    if not found:
+        click.echo(f"no models found in {models_dir or MODELS_DIR}")
+    click.echo(f"SAM 2 ({sam2['name']}): {'ready' if sam2['ready'] else 'not ready'} — {sam2['message']}")
+
+
+@main.command()
+@click.option("--patient", required=True, help="Patient id as stored (e.g. P012).")
+@click.option("--out", "out_dir", default="reports", show_default=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for the PDF.")
+@click.option("--db", help="Database URL or SQLite file (default: HRF_BATCH_DB, else ./hrf_batch.sqlite).")
+@click.option("--show-identifiers", is_flag=True, help="Print patient name, birth date and file names in the report.")
+@click.pass_context
+@_friendly
+def report(ctx: click.Context, patient: str, out_dir: Path, db: str | None, show_identifiers: bool) -> None:
+    """Render a per-patient PDF: visits, HRF trend, en-face map, B-scan gallery and provenance."""
+    from hrf_batch.report import render_patient_report
+    from hrf_batch.store import open_store
+
+    settings = _settings(ctx, db=db)
+    with open_store(settings.db) as store:
+        path = render_patient_report(store, patient, out_dir, show_identifiers=show_identifiers)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for the CSV files.")
+@click.option("--db", help="Database URL or SQLite file (default: HRF_BATCH_DB, else ./hrf_batch.sqlite).")
+@click.option("--include-identifiers", is_flag=True, help="Also export names, birth dates and file paths.")
+@click.pass_context
+@_friendly
+def export(ctx: click.Context, out_dir: Path, db: str | None, include_identifiers: bool) -> None:
+    """Write cohort CSVs per patient, visit, volume, B-scan and lesion (units in column names)."""
+    from hrf_batch.report import export_cohort
+    from hrf_batch.store import open_store
+
+    settings = _settings(ctx, db=db)
+    with open_store(settings.db) as store:
+        paths = export_cohort(store, out_dir, include_identifiers=include_identifiers)
+    click.echo("\n".join(f"wrote {p}" for p in paths))

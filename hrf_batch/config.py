@@ -14,7 +14,7 @@ from hrf_batch.errors import HrfBatchError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MODELS_DIR = PROJECT_ROOT / "models"
-DEFAULT_MODEL = "cct-small-synth"
+DEFAULT_MODEL = "cct-lite-synth"
 DEFAULT_DB = "hrf_batch.sqlite"
 CONFIG_FILE = "hrf-batch.toml"
 

@@ -27,6 +27,16 @@ class Lesion:
 
 
 @dataclass(frozen=True)
+class Segment:
+    """One segmenter answer: the mask found at one iteration around one relevance peak."""
+
+    iteration: int  # 0-based
+    peak_rc: tuple[int, int]
+    window: tuple[int, int, int, int]  # row0, col0, row1, col1 of the crop (end exclusive)
+    mask: np.ndarray  # bool, the crop's shape: pixels taken as HRF
+
+
+@dataclass(frozen=True)
 class BScanResult:
     """What the iterative pipeline found in one B-scan."""
 
@@ -35,7 +45,17 @@ class BScanResult:
     relevance_peaks: tuple[tuple[int, int], ...]  # (row, col) prompted at each iteration
     mask: np.ndarray  # bool (H, W): union of the HRF masks kept
     lesions: tuple[Lesion, ...]
-    relevance: np.ndarray | None = None  # float32, downsampled relevance map of the first iteration, for QC
+    relevance: np.ndarray | None = None  # float32 relevance map of the first iteration, for QC
+    segments: tuple[Segment, ...] = ()  # every segmenter answer, to rebuild the mask after k iterations
+
+    def mask_after(self, iterations: int) -> np.ndarray:
+        """Union of the segments of the first ``iterations`` iterations, within lesions kept."""
+        out = np.zeros_like(self.mask)
+        for seg in self.segments:
+            if seg.iteration < iterations:
+                r0, c0, r1, c1 = seg.window
+                out[r0:r1, c0:c1] |= seg.mask
+        return out & self.mask
 
     @property
     def hrf_count(self) -> int:

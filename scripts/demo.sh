@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The main job on the embedded defaults: write a small synthetic study, then read it all back.
+# The main job on the embedded defaults: a small synthetic study, ingested with the shipped model
+# into ./hrf_batch.sqlite, then a per-patient PDF report and cohort CSVs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HB=.venv/bin/hrf-batch
-rm -rf sample_study
+rm -rf sample_study reports exports hrf_batch.sqlite
 $HB synth sample_study --patients 2 --visits 2 --bscans 5 --seed 7
-$HB scan sample_study
-$HB info sample_study/P001/2023-01-10/P001_2023-01-10_OD.vol
+$HB ingest sample_study
+$HB report --patient P001 --out reports
+$HB export --out exports

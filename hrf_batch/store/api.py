@@ -152,6 +152,11 @@ class Store:
         with self._transaction(f"reading the results of patient {patient_id}") as session:
             return read.volume_results(session, patient_id, masks)
 
+    def unfinished_volumes(self, patient_id: str) -> list[StoredVolume]:
+        """The patient's volumes with no done run, each with its latest (failed or running) run and no B-scans."""
+        with self._transaction(f"reading the unfinished volumes of patient {patient_id}") as session:
+            return read.unfinished_volumes(session, patient_id)
+
     def bscans_for_run(self, run_id: int, *, masks: bool = True) -> tuple[StoredBScan, ...]:
         """One run's B-scans in index order."""
         with self._transaction(f"reading run {run_id}") as session:

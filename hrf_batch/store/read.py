@@ -124,6 +124,33 @@ def volume_results(session: Session, patient_id: str, masks: bool = True) -> lis
     return out
 
 
+def unfinished_volumes(session: Session, patient_id: str) -> list[StoredVolume]:
+    """The patient's volumes without a done run, each with its latest run (failed or running) and no B-scans.
+
+    Reports list them so a reader sees which scans were not analysed, instead of silently fewer volumes.
+    """
+    has_done = select(RunRow.id).where(RunRow.volume_pk == VolumeRow.id, RunRow.status == "done").exists()
+    stmt = (
+        select(VolumeRow, VisitRow.visit_date)
+        .join(VisitRow, VolumeRow.visit_pk == VisitRow.id)
+        .join(PatientRow, VisitRow.patient_pk == PatientRow.id)
+        .where(PatientRow.patient_id == patient_id, ~has_done)
+    )
+    out = []
+    for volume, visit_date in session.execute(stmt).all():
+        run = session.scalars(
+            select(RunRow).where(RunRow.volume_pk == volume.id).order_by(RunRow.started_at.desc(), RunRow.id.desc())
+        ).first()
+        if run is None:
+            continue
+        where = VolumeBurden(  # only patient id and visit date are used; there are no counts to give
+            volume.id, run.id, run.model_id, run.finished_at, patient_id, visit_date, volume.eye,
+            volume.series_uid, volume.n_bscans, 0, 0, 0, 0.0,
+        )
+        out.append(_stored_volume(volume, run, where, ()))
+    return sorted(out, key=_sort_key)
+
+
 def _stored_volume(volume: VolumeRow, run: RunRow, burden: VolumeBurden, bscans: tuple[StoredBScan, ...]) -> StoredVolume:
     return StoredVolume(
         volume_id=volume.id, patient_id=burden.patient_id, visit_date=burden.visit_date, eye=volume.eye,

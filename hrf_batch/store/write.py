@@ -273,4 +273,12 @@ def add_ingest_error(session: Session, path: str, reason: str, kind: str, batch_
     """One row in `ingest_errors`; ``kind`` is checked so a typo cannot hide a file."""
     if kind not in ("error", "skipped"):
         raise StoreError(f"ingest error kind must be 'error' or 'skipped', got {kind!r}", "pass one of the two kinds")
+    # the same file left out for the same reason again (a rerun) refreshes its row, adds none
+    existing = session.scalars(
+        select(IngestErrorRow).where(IngestErrorRow.path == str(path), IngestErrorRow.reason == reason,
+                                     IngestErrorRow.kind == kind)
+    ).first()
+    if existing is not None:
+        existing.recorded_at, existing.batch_id = utc_now(), batch_id
+        return
     session.add(IngestErrorRow(path=str(path), reason=reason, kind=kind, recorded_at=utc_now(), batch_id=batch_id))

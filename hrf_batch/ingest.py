@@ -1,0 +1,141 @@
+"""`hrf-batch ingest`: discover → read → pipeline → store, one transaction per volume.
+
+A volume whose file (sha256) and series were already processed with the same model, segmenter,
+parameters and code version is skipped, so an interrupted ingest simply resumes. A file that
+cannot be read and a volume the pipeline fails on are recorded in the database and the walk goes
+on; nothing already stored is touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable
+
+from tqdm import tqdm
+
+from hrf_batch import __version__
+from hrf_batch.classify import Classifier, load_classifier
+from hrf_batch.config import Settings
+from hrf_batch.discover import discover
+from hrf_batch.errors import HrfBatchError, NotOctError
+from hrf_batch.pipeline import PipelineParams, run_volume
+from hrf_batch.readers import read_source
+from hrf_batch.results import RunInfo
+from hrf_batch.segment import Segmenter, make_segmenter
+from hrf_batch.store import Store, open_store
+from hrf_batch.volume import Volume
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class IngestSummary:
+    """What one ingest did; ``failed`` > 0 makes the command exit with code 3."""
+
+    batch_id: str
+    processed: int = 0
+    already_done: int = 0
+    failed: int = 0
+    not_oct: int = 0
+    hrf_count: int = 0
+    bscans: int = 0
+    seconds: float = 0.0
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def text(self) -> str:
+        lines = [
+            f"volumes: {self.processed} processed, {self.already_done} already done (skipped), {self.failed} failed",
+            f"files not OCT (skipped): {self.not_oct}",
+            f"HRFs found: {self.hrf_count} in {self.bscans} B-scans processed now, {self.seconds:.1f} s",
+        ]
+        lines += [f"FAILED {path}: {reason}" for path, reason in self.failures]
+        return "\n".join(lines)
+
+
+def _params(settings: Settings) -> PipelineParams:
+    return PipelineParams(threshold=settings.threshold, stop_score=settings.stop_score,
+                          max_iterations=settings.max_iterations, box_px=settings.box_px,
+                          crop_px=settings.crop_px, min_lesion_px=settings.min_lesion_px)
+
+
+def _run_key(clf: Classifier, segmenter: Segmenter, params: PipelineParams) -> RunInfo:
+    return RunInfo(model_id=clf.model_id, segmenter=segmenter.name, segmenter_checkpoint_sha256=segmenter.checkpoint_sha256,
+                   parameters=params.resolved(clf), code_version=__version__, device=str(clf.device))
+
+
+def _utc_now() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def _process(volume: Volume, ctx: "_Context", summary: IngestSummary) -> None:
+    if ctx.store.find_done_run_for(volume.meta, ctx.key) is not None:
+        summary.already_done += 1
+        return
+    started = _utc_now()
+    try:
+        result = run_volume(volume, ctx.clf, ctx.segmenter, ctx.params)
+    except (HrfBatchError, RuntimeError, ValueError, MemoryError) as exc:
+        reason = f"pipeline failed: {type(exc).__name__}: {exc}"
+        log.error("%s: %s", volume.meta.source_path, reason)
+        ctx.store.record_failed_run(volume.meta, ctx.key, reason, n_bscans=volume.n_bscans,
+                                    bscan_shape=volume.bscan_shape, started_at=started)
+        summary.failed += 1
+        summary.failures.append((volume.meta.source_path, reason))
+        return
+    ctx.store.save_volume_result(result, started_at=started)
+    summary.processed += 1
+    summary.hrf_count += result.hrf_count
+    summary.bscans += volume.n_bscans
+
+
+@dataclass
+class _Context:
+    store: Store
+    clf: Classifier
+    segmenter: Segmenter
+    params: PipelineParams
+    key: RunInfo
+
+
+def ingest_study(study_dir: Path, settings: Settings, *, progress: bool = True,
+                 on_volume: Callable[[str], None] | None = None) -> IngestSummary:
+    """Ingest every OCT volume under ``study_dir`` into the database named by ``settings.db``."""
+    start = time.perf_counter()
+    disc = discover(study_dir)
+    clf = load_classifier(settings.model, settings.device, settings.batch_size)
+    segmenter = make_segmenter(settings.segmenter, sam2_checkpoint=settings.sam2_checkpoint,
+                               sam2_size=settings.sam2_size, device=settings.device)
+    params = _params(settings)
+    summary = IngestSummary(batch_id=uuid.uuid4().hex[:12])
+    with open_store(settings.db) as store:
+        ctx = _Context(store, clf, segmenter, params, _run_key(clf, segmenter, params))
+        for issue in disc.issues:
+            store.record_ingest_error(issue.path, issue.reason, issue.kind, summary.batch_id)
+            _count_issue(summary, issue.kind, str(issue.path), issue.reason)
+        for source in tqdm(disc.sources, desc="study", unit="source", disable=not progress):
+            try:
+                volumes = read_source(source.format, source.paths)
+            except HrfBatchError as exc:
+                kind = "skipped" if isinstance(exc, NotOctError) else "error"
+                store.record_ingest_error(source.path, str(exc), kind, summary.batch_id)
+                _count_issue(summary, kind, str(source.path), str(exc))
+                continue
+            for volume in volumes:
+                _process(volume, ctx, summary)
+                if on_volume is not None:
+                    on_volume(volume.meta.source_path)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _count_issue(summary: IngestSummary, kind: str, path: str, reason: str) -> None:
+    if kind == "skipped":
+        summary.not_oct += 1
+    else:
+        summary.failed += 1
+        summary.failures.append((path, reason))

@@ -1,0 +1,264 @@
+"""The per-patient PDF: numbers from the store's views, figures from stored results, jinja2 + weasyprint.
+
+Identifiers (name, birth date, source paths, which often carry names) appear only with
+``show_identifiers=True``. Volumes are drawn one at a time and their pixels dropped afterwards,
+so a patient with many visits does not hold every B-scan in memory.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+from hrf_batch import __version__
+from hrf_batch.report import figures
+from hrf_batch.report.errors import ReportError, UnknownPatientError
+from hrf_batch.report.sources import MISSING, SourcePixels, SourceReader
+from hrf_batch.store import PatientRecord, PatientSummary, Store, StoredBScan, StoredVolume, VisitBurden
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = "patient_report.html"
+NOTICE = "Research use only — not for clinical decisions"
+GALLERY_SIZE = 6
+
+
+@dataclass(frozen=True)
+class GalleryPick:
+    """One B-scan chosen for the gallery, ranked by HRF count then area over the whole patient."""
+
+    rank: int
+    volume_id: int
+    bscan_index: int
+
+
+def find_patient(store: Store, patient_id: str, *, include_identifiers: bool = False) -> PatientRecord:
+    """The patient's record; UnknownPatientError naming the patients that do exist otherwise."""
+    patients = store.list_patients(include_identifiers=include_identifiers)
+    for patient in patients:
+        if patient.patient_id == patient_id:
+            return patient
+    raise UnknownPatientError(patient_id, [p.patient_id for p in patients], store.url)
+
+
+def render_patient_report(
+    store: Store, patient_id: str, out_dir: Path | str, *, show_identifiers: bool = False,
+    gallery_size: int = GALLERY_SIZE, report_date: date | None = None,
+) -> Path:
+    """Write ``<out_dir>/<patient_id>_hrf_report.pdf`` and return its path.
+
+    Raises UnknownPatientError for an id that is not in the database, ReportError when the PDF
+    cannot be written.
+    """
+    patient = find_patient(store, patient_id, include_identifiers=show_identifiers)
+    summary = store.patient_summary(patient_id)
+    volumes = store.volume_results(patient_id, masks=False)
+    picks = gallery_picks(volumes, gallery_size)
+    sections, gallery = _volume_sections(store, summary, volumes, picks, show_identifiers)
+    context = {
+        "patient": patient, "show_identifiers": show_identifiers, "notice": NOTICE,
+        "report_date": (report_date or date.today()).isoformat(), "version": __version__,
+        "overview": _overview(summary, volumes), "visits": [_visit_row(v) for v in summary.visits],
+        "trend_png": _data_uri(figures.trend_figure(summary.visits)) if summary.visits else None,
+        "sections": sections, "gallery": gallery, "gallery_size": gallery_size,
+        "unfinished": [_unfinished_row(v, show_identifiers) for v in store.unfinished_volumes(patient_id)],
+    }
+    context["settings"], context["provenance"] = provenance(volumes, show_identifiers)
+    return write_pdf(render_html(context), Path(out_dir) / f"{_safe_name(patient_id)}_hrf_report.pdf")
+
+
+def render_html(context: dict[str, Any]) -> str:
+    """The report's HTML from the packaged template (found in an installed wheel as well)."""
+    env = Environment(
+        loader=PackageLoader("hrf_batch.report", "templates"), autoescape=select_autoescape(["html"]),
+        undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+    )
+    return env.get_template(TEMPLATE).render(**context)
+
+
+def write_pdf(html: str, path: Path) -> Path:
+    """Lay out the HTML on A4 pages and write it; ReportError when the folder is not writable."""
+    from weasyprint import HTML  # imported late: it loads pango, which a CSV export does not need
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        HTML(string=html, base_url=str(path.parent)).write_pdf(path)
+    except OSError as exc:
+        raise ReportError(
+            f"cannot write the report {path}: {exc.strerror or exc}",
+            "choose an output folder you can write to (--out) and check free disk space",
+        ) from exc
+    return path
+
+
+def _safe_name(patient_id: str) -> str:
+    """The id as a file name: path separators and other odd characters become '_'."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in patient_id).strip(".") or "patient"
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def fmt_area(value: float | None) -> str:
+    """mm² with 4 decimals: HRF areas are small (a 17-px HRF is about 0.0008 mm²)."""
+    return "–" if value is None else f"{value:.4f}"
+
+
+def fmt_delta(value: float | int | None, area: bool = False) -> str:
+    """A signed change, or '–' for the first visit of an eye."""
+    if value is None:
+        return "–"
+    return f"{value:+.4f}" if area else f"{int(value):+d}"
+
+
+def fmt_date(value: date | None) -> str:
+    return value.isoformat() if value is not None else "unknown"
+
+
+def _visit_row(v: VisitBurden) -> dict[str, Any]:
+    return {
+        "date": fmt_date(v.visit_date), "eye": v.eye, "volumes": v.n_volumes, "bscans": v.n_bscans,
+        "hrf": v.hrf_count, "positive": v.hrf_positive_bscans, "area": fmt_area(v.hrf_area_mm2),
+        "delta": fmt_delta(v.delta_hrf_count), "delta_area": fmt_delta(v.delta_hrf_area_mm2, area=True),
+        "previous": fmt_date(v.previous_visit_date) if v.previous_visit_date else "",
+    }
+
+
+def _overview(summary: PatientSummary, volumes: list[StoredVolume]) -> dict[str, Any]:
+    p = summary.patient
+    return {
+        "visits": p.n_visits, "volumes": len(volumes), "bscans": sum(v.n_bscans for v in summary.volumes),
+        "hrf": sum(v.hrf_count for v in summary.volumes), "period": _period(p.first_visit_date, p.latest_visit_date),
+        "latest_hrf": "–" if p.latest_hrf_count is None else p.latest_hrf_count,
+        "change": fmt_delta(p.hrf_count_change if p.n_visits > 1 else None),
+        "change_area": fmt_delta(p.hrf_area_mm2_change if p.n_visits > 1 else None, area=True),
+        "max_hrf": "–" if p.max_hrf_count is None else p.max_hrf_count,
+    }
+
+
+def _period(first: date | None, latest: date | None) -> str:
+    if first is None or latest is None:
+        return ""
+    return f" ({first.isoformat()})" if first == latest else f" ({first.isoformat()} – {latest.isoformat()})"
+
+
+def gallery_picks(volumes: list[StoredVolume], size: int) -> list[GalleryPick]:
+    """The ``size`` B-scans with most HRFs over all volumes (ties: larger area, then earlier visit)."""
+    candidates = [
+        (-b.hrf_count, -b.hrf_area_px, order, b.index, v.volume_id)
+        for order, v in enumerate(volumes) for b in v.bscans if b.hrf_count > 0
+    ]
+    chosen = sorted(candidates)[: max(size, 0)]
+    return [GalleryPick(rank, volume_id, index) for rank, (*_, index, volume_id) in enumerate(chosen)]
+
+
+def _volume_label(v: StoredVolume) -> str:
+    return f"{fmt_date(v.visit_date)} · {v.eye}"
+
+
+def _volume_sections(
+    store: Store, summary: PatientSummary, volumes: list[StoredVolume], picks: list[GalleryPick],
+    show_identifiers: bool,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per volume: its numbers (from the view), en-face map and per-B-scan bars; plus its gallery entries."""
+    burden = {row.volume_id: row for row in summary.volumes}
+    reader = SourceReader()
+    area_ref = max((les.area_mm2 for v in volumes for b in v.bscans for les in b.lesions), default=0.0)
+    sections, gallery = [], []
+    for volume in volumes:
+        pixels = reader.pixels(volume)
+        if pixels.problem:
+            log.warning("report for %s: %s (%s)", volume.patient_id, pixels.problem, volume.source_path)
+        enface, enface_note = _enface(volume, pixels, area_ref)
+        sections.append({
+            "label": _volume_label(volume), "volume": volume, "hrf": burden[volume.volume_id].hrf_count,
+            "positive": burden[volume.volume_id].hrf_positive_bscans,
+            "area": fmt_area(burden[volume.volume_id].hrf_area_mm2),
+            "enface_png": _data_uri(enface), "enface_note": enface_note,
+            "counts_png": _data_uri(figures.bscan_counts_figure(volume)),
+            "source": volume.source_path if show_identifiers else f"sha256 {volume.source_sha256[:12]}…",
+            "problem": pixels.problem,
+        })
+        mine = [p for p in picks if p.volume_id == volume.volume_id]
+        if mine:
+            gallery.extend(_gallery_entries(store, volume, mine, pixels))
+        del pixels  # the B-scans of one volume at a time
+    gallery.sort(key=lambda entry: entry["rank"])
+    return sections, gallery
+
+
+def _enface(volume: StoredVolume, pixels: SourcePixels, area_ref: float) -> tuple[bytes, str]:
+    """The localizer map when localizer, its spacing and B-scan positions are known, else the grid."""
+    has_mm = volume.positions and volume.scan_pattern != "circle"
+    if pixels.localizer is not None and pixels.localizer_spacing_mm and has_mm:
+        png = figures.enface_localizer_figure(volume, pixels.localizer, pixels.localizer_spacing_mm, area_ref)
+        return png, "HRF on the localizer; faint lines: B-scans (▸ marks B-scan 0); dot area ∝ HRF area."
+    if pixels.problem:
+        why = "no localizer: the source file could not be used"
+    elif not has_mm:
+        why = "no B-scan positions on the localizer"
+    else:
+        why = "the file has no localizer image"
+    return figures.enface_grid_figure(volume, area_ref), f"HRF by B-scan and lateral position ({why}); dot area ∝ HRF area."
+
+
+def _gallery_entries(
+    store: Store, volume: StoredVolume, picks: list[GalleryPick], pixels: SourcePixels
+) -> list[dict[str, Any]]:
+    """Gallery figures for the chosen B-scans of one volume (masks read for this run only)."""
+    by_index: dict[int, StoredBScan] = {b.index: b for b in store.bscans_for_run(volume.run.run_id, masks=True)}
+    entries = []
+    for pick in picks:
+        bscan = by_index[pick.bscan_index]
+        image = pixels.bscans[pick.bscan_index] if pixels.bscans is not None else None
+        entries.append({
+            "rank": pick.rank, "label": _volume_label(volume), "index": bscan.index, "hrf": bscan.hrf_count,
+            "area": fmt_area(bscan.hrf_area_mm2), "score": "–" if bscan.score is None else f"{bscan.score:.2f}",
+            "iterations": len(bscan.scores), "problem": pixels.problem,
+            "png": _data_uri(figures.gallery_figure(image, bscan, volume.bscan_shape)),
+        })
+    return entries
+
+
+def _unfinished_row(v: StoredVolume, show_identifiers: bool) -> dict[str, Any]:
+    return {
+        "date": fmt_date(v.visit_date), "eye": v.eye, "format": v.source_format, "status": v.run.status,
+        "error": (v.run.error or "no error recorded").strip().splitlines()[0][:300],
+        "source": v.source_path if show_identifiers else f"sha256 {v.source_sha256[:12]}…",
+        "model": v.run.model_id,
+    }
+
+
+def provenance(volumes: list[StoredVolume], show_identifiers: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Distinct analysis settings (model, segmenter, parameters, code, device) once each, lettered
+    A, B, …, and one row per volume saying which setting analysed it, how long it took and when."""
+    settings: dict[tuple[str, ...], dict[str, Any]] = {}
+    rows = []
+    for v in volumes:
+        run = v.run
+        key = (run.model_id, run.segmenter, run.segmenter_checkpoint_sha256 or "", run.params_hash, run.code_version, run.device)
+        if key not in settings:
+            settings[key] = {
+                "letter": chr(ord("A") + len(settings)) if len(settings) < 26 else str(len(settings) + 1),
+                "model": run.model_id, "segmenter": run.segmenter,
+                "checkpoint": run.segmenter_checkpoint_sha256 or "none (no checkpoint file)",
+                "code": run.code_version, "device": run.device, "params_hash": run.params_hash,
+                "parameters": json.dumps(run.parameters, sort_keys=True, separators=(", ", ": ")),
+            }
+        rows.append({
+            "label": _volume_label(v), "setting": settings[key]["letter"], "format": v.source_format,
+            "shape": f"{v.n_bscans} × {v.bscan_shape[0]} × {v.bscan_shape[1]}", "device_oct": v.device,
+            "seconds": ", ".join(f"{k} {t:.1f}" for k, t in sorted(run.seconds.items())) or "–",
+            "total": f"{sum(run.seconds.values()):.1f}",
+            "run_date": run.finished_at.strftime("%Y-%m-%d %H:%M UTC") if run.finished_at else "–",
+            "source": v.source_path if show_identifiers else f"sha256 {v.source_sha256[:16]}…",
+        })
+    return list(settings.values()), rows
