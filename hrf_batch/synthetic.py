@@ -438,9 +438,31 @@ def _render(rng: np.random.Generator, eye: _Eye, h: int, w: int, z: float, n_hrf
     _add_choroid(rng, mean, eye, rows)
     occupied = _add_vessels(rng, mean, eye, rows, x_mm, z)
     labels = _place_hrfs(rng, mean, rows, n_hrf, occupied, eye.values["rpe"])
+    _add_choroid_decoys(rng, mean, rows, eye.values["rpe"])
     mean += _lateral_gain(rng, w)[None, :] * (mean > 0)
     image = _to_display(rng, mean, contrast, eye, labels > 0)
     return SyntheticBScan(image=image, hrf_labels=labels, layers=rows)
+
+
+def _add_choroid_decoys(rng: np.random.Generator, img: np.ndarray, rows: dict[str, np.ndarray], rpe_value: float) -> None:
+    """Bright stroma patches just below Bruch's membrane, as real choroids show between vessel
+    lumens. They look like foci but lie outside the retina, so they are never HRF: without them
+    a classifier learns "any small bright spot" and flags healthy real scans."""
+    h, w = img.shape
+    if rng.random() > 0.7:
+        return
+    for _ in range(int(rng.integers(1, 6))):
+        blob = _blob(rng, float(np.clip(rng.lognormal(math.log(30.0), 0.6), 8.0, 150.0)))
+        bh, bw = blob.shape
+        x0 = int(rng.integers(0, max(1, w - bw)))
+        below = rows["BM"][x0 : x0 + bw].max() + rng.uniform(3.0, 45.0)
+        y0 = int(round(below))
+        if y0 + bh >= h or x0 + bw > w:
+            continue
+        soft = ndi.gaussian_filter(blob.astype(np.float32), 0.8)
+        level = np.float32(rng.uniform(0.5, 0.9) * rpe_value)
+        win = img[y0 : y0 + bh, x0 : x0 + bw]
+        win += soft * np.maximum(level - win, 0.0)
 
 
 def _pit_offset(pit_depth: float, eye_w: float, eye_p: float) -> float:

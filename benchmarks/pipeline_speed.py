@@ -1,0 +1,62 @@
+"""Per-volume pipeline time by stage (score, explain, segment), and the batched pipeline's speed-up
+over a loop that handles one B-scan at a time, both measured in the same run on the same volume.
+
+Run: .venv/bin/python benchmarks/pipeline_speed.py [--bscans 9 --width 512 --segmenter region]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from datetime import date, datetime
+
+import numpy as np
+
+from hrf_batch.classify import load_classifier
+from hrf_batch.config import DEFAULT_MODEL, MODELS_DIR
+from hrf_batch.pipeline import PipelineParams, run_volume
+from hrf_batch.sample_study import StudySpec, synthetic_volume
+from hrf_batch.segment import make_segmenter
+from hrf_batch.volume import Volume
+
+
+def _one_at_a_time(volume: Volume, clf, segmenter, params: PipelineParams) -> tuple[float, int]:
+    start, found = time.perf_counter(), 0
+    for i in range(volume.n_bscans):
+        meta = dataclasses.replace(volume.meta, positions=(volume.meta.positions[i],) if volume.meta.positions else ())
+        single = Volume(bscans=volume.bscans[i : i + 1], meta=meta, localizer=volume.localizer)
+        found += run_volume(single, clf, segmenter, params).hrf_count
+    return time.perf_counter() - start, found
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=str(MODELS_DIR / DEFAULT_MODEL))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--segmenter", default="auto", choices=["auto", "sam2", "region"])
+    ap.add_argument("--sam2-checkpoint", default=None)
+    ap.add_argument("--bscans", type=int, default=9)
+    ap.add_argument("--width", type=int, default=512)
+    ap.add_argument("--batch-size", type=int, default=8)
+    args = ap.parse_args()
+    clf = load_classifier(args.model, args.device, args.batch_size)
+    segmenter = make_segmenter(args.segmenter, sam2_checkpoint=args.sam2_checkpoint, device=args.device)
+    spec = StudySpec(bscans=args.bscans, width=args.width, height=496, seed=5)
+    volume, labels = synthetic_volume(np.random.default_rng(5), spec, "B001", date(2024, 1, 1), "OD", 0.6, datetime(2024, 1, 1, 9))
+    params = PipelineParams()
+    start = time.perf_counter()
+    result = run_volume(volume, clf, segmenter, params)
+    batched = time.perf_counter() - start
+    looped, looped_found = _one_at_a_time(volume, clf, segmenter, params)
+    gt = sum(len(np.unique(lab[lab > 0])) for lab in labels)
+    print(f"model {clf.model_id} on {clf.device}, segmenter {segmenter.name}, batch size {args.batch_size}")
+    print(f"volume {volume.n_bscans} x 496 x {args.width}, {gt} ground-truth HRFs")
+    print("batched pipeline, seconds by stage: " + ", ".join(f"{k} {v:.2f}" for k, v in result.run.seconds.items()))
+    print(f"batched total       {batched:8.2f} s   ({result.hrf_count} HRFs found)")
+    print(f"one B-scan at a time {looped:7.2f} s   ({looped_found} HRFs found)")
+    print(f"speed-up of batching {looped / batched:6.2f}x")
+
+
+if __name__ == "__main__":
+    main()
