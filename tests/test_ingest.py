@@ -75,6 +75,12 @@ def test_clean_study_exits_zero(tmp_path: Path, tiny_model: Path) -> None:
     result = CliRunner().invoke(main, ["ingest", str(study), *_args(tmp_path / "db.sqlite", tiny_model)])
     assert result.exit_code == 0, result.output
     assert "2 processed" in result.output
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    queries = [q.strip() for block in readme.split("```sql")[1:] for q in block.split("```")[0].split(";") if q.strip()]
+    assert len(queries) >= 2
+    with sqlite3.connect(tmp_path / "db.sqlite") as con:  # the README's example queries run as written
+        for query in queries:
+            con.execute(query).fetchall()
 
 
 def test_missing_model_is_one_clear_error(tmp_path: Path) -> None:
