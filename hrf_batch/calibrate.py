@@ -121,14 +121,14 @@ def calibrate(study_dir: Path, segmenter: Segmenter, *, box_sizes: tuple[int, ..
 
 
 def format_calibration(rows: list[dict[str, Any]]) -> str:
-    """Settings sorted by mean Dice, the best marked with '*'; the paper's default noted."""
+    """Settings sorted by mean Dice (ties in grid order), the best marked with '*'; the default noted."""
     if not rows:
         return "no calibration results"
     ranked = sorted(rows, key=lambda r: -r["dice"])
     lines = [f"segmenter {ranked[0]['segmenter']}, prompts at {ranked[0]['n_hrfs']} ground-truth HRF centres",
              f"  {'box px':>6} {'crop px':>7} {'Dice':>6} {'median':>6} {'empty':>6}"]
-    for i, r in enumerate(ranked):
-        mark = "*" if i == 0 else " "
+    for r in ranked:
+        mark = "*" if r["dice"] == ranked[0]["dice"] else " "  # ties share the mark
         note = "  (default)" if (r["box_px"], r["crop_px"]) == (DEFAULT_BOX_PX, DEFAULT_CROP_PX) else ""
         lines.append(f"{mark} {r['box_px']:>6} {r['crop_px']:>7} {r['dice']:6.3f} {r['dice_median']:6.3f} "
                      f"{r['empty_fraction']:6.2f}{note}")

@@ -189,20 +189,91 @@ def train(study_dir: Path, out_dir: Path, labels: Path | None, preset: str, task
 @main.command()
 @click.argument("study_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--model", help="Model folder (default: the shipped model).")
-@click.option("--labels", type=click.Path(path_type=Path, dir_okay=False), help="CSV labels instead of the study's ground truth.")
+@click.option("--labels", type=click.Path(path_type=Path, dir_okay=False), help="CSV labels instead of the study's ground truth (classification only).")
 @click.option("--device", help="cpu, cuda or auto.")
+@click.option("--segmentation", is_flag=True, help="Also run the pipeline and score its masks against the ground-truth masks.")
+@click.option("--val-study", type=click.Path(path_type=Path, file_okay=False), help="Study to calibrate the global-threshold baseline on (default: half of the patients).")
+@click.option("--segmenter", type=click.Choice(["auto", "sam2", "region"]), help="Segmenter for --segmentation.")
+@click.option("--sam2-checkpoint", help="SAM 2.1 checkpoint file (.pt).")
+@click.option("--max-iterations", type=click.IntRange(1, 50), help="Pipeline iterations (default 6).")
+@click.option("--limit-volumes", type=click.IntRange(1), help="Evaluate at most N volumes (quick runs).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_context
 @_friendly
-def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Path | None, device: str | None, as_json: bool) -> None:
-    """Score a labelled study with a model: AUROC, AP and F1 for HRF presence."""
+def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Path | None, device: str | None,
+             segmentation: bool, val_study: Path | None, segmenter: str | None, sam2_checkpoint: str | None,
+             max_iterations: int | None, limit_volumes: int | None, as_json: bool) -> None:
+    """Score a labelled study with a model: AUROC, AP and F1 for HRF presence; with --segmentation
+    also Dice, pixel recall/precision and lesion F1 after 1 and N iterations, the global- and
+    oracle-threshold baselines, and the pointing game."""
     from hrf_batch.classify import load_classifier
     from hrf_batch.evaluate import evaluate_classifier, format_metrics
 
-    settings = _settings(ctx, model=model, device=device)
+    settings = _settings(ctx, model=model, device=device, segmenter=segmenter, sam2_checkpoint=sam2_checkpoint,
+                         max_iterations=max_iterations)
     clf = load_classifier(settings.model, settings.device, settings.batch_size)
     metrics = evaluate_classifier(clf, _labelled(study_dir, labels))
-    click.echo(json.dumps(metrics, indent=2) if as_json else format_metrics(metrics))
+    report: dict[str, Any] = {"classification": metrics}
+    if segmentation:
+        report.update(_segmentation_report(settings, clf, study_dir, val_study, limit_volumes))
+    if as_json:
+        click.echo(json.dumps(report if segmentation else metrics, indent=2, default=str))
+        return
+    click.echo(format_metrics(metrics))
+    if segmentation:
+        from hrf_batch.seg_eval import format_segmentation
+
+        pg = report["pointing_game"]
+        click.echo("\n" + format_segmentation(report["segmentation"]))
+        click.echo(f"pointing game: relevance peak within {pg['tolerance_px']:.0f} px of an HRF in {pg['hits']} of "
+                   f"{pg['n_bscans']} HRF-positive B-scans ({pg['fraction']:.2f}; chance {pg['chance']:.3f})")
+
+
+def _segmentation_report(settings: Settings, clf: Any, study_dir: Path, val_study: Path | None,
+                         limit_volumes: int | None) -> dict[str, Any]:
+    from hrf_batch.ingest import pipeline_params
+    from hrf_batch.seg_eval import evaluate_segmentation, pointing_game
+    from hrf_batch.segment import make_segmenter
+
+    seg = make_segmenter(settings.segmenter, sam2_checkpoint=settings.sam2_checkpoint, sam2_size=settings.sam2_size,
+                         device=settings.device)
+    return {
+        "segmentation": evaluate_segmentation(study_dir, clf, seg, pipeline_params(settings), val_study=val_study,
+                                              limit_volumes=limit_volumes, progress=True),
+        "pointing_game": pointing_game(study_dir, clf, limit_volumes=limit_volumes),
+    }
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of integers") from exc
+
+
+@main.command()
+@click.argument("study_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--segmenter", type=click.Choice(["auto", "sam2", "region"]), help="Segmenter to calibrate.")
+@click.option("--sam2-checkpoint", help="SAM 2.1 checkpoint file (.pt).")
+@click.option("--device", help="cpu, cuda or auto.")
+@click.option("--boxes", default="2,4,6,8", show_default=True, help="Box sizes in px, comma-separated.")
+@click.option("--crops", default="50,75,100", show_default=True, help="Crop sizes in px (50..100), comma-separated.")
+@click.option("--limit-hrfs", default=300, show_default=True, type=click.IntRange(1), help="HRFs sampled from the study.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@click.pass_context
+@_friendly
+def calibrate(ctx: click.Context, study_dir: Path, segmenter: str | None, sam2_checkpoint: str | None, device: str | None,
+              boxes: str, crops: str, limit_hrfs: int, as_json: bool) -> None:
+    """Grid search over box and crop sizes, prompting at ground-truth HRF centres; prints Dice per setting."""
+    from hrf_batch.calibrate import calibrate as run_calibration
+    from hrf_batch.calibrate import format_calibration
+    from hrf_batch.segment import make_segmenter
+
+    settings = _settings(ctx, segmenter=segmenter, sam2_checkpoint=sam2_checkpoint, device=device)
+    seg = make_segmenter(settings.segmenter, sam2_checkpoint=settings.sam2_checkpoint, sam2_size=settings.sam2_size,
+                         device=settings.device)
+    rows = run_calibration(study_dir, seg, box_sizes=_int_list(boxes), crop_sizes=_int_list(crops), limit_hrfs=limit_hrfs)
+    click.echo(json.dumps(rows, indent=2) if as_json else format_calibration(rows))
 
 
 EXIT_PARTIAL = 3

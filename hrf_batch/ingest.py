@@ -57,7 +57,8 @@ class IngestSummary:
         return "\n".join(lines)
 
 
-def _params(settings: Settings) -> PipelineParams:
+def pipeline_params(settings: Settings) -> PipelineParams:
+    """The pipeline parameters a run uses, from the settings."""
     return PipelineParams(threshold=settings.threshold, stop_score=settings.stop_score,
                           max_iterations=settings.max_iterations, box_px=settings.box_px,
                           crop_px=settings.crop_px, min_lesion_px=settings.min_lesion_px)
@@ -110,7 +111,7 @@ def ingest_study(study_dir: Path, settings: Settings, *, progress: bool = True,
     clf = load_classifier(settings.model, settings.device, settings.batch_size)
     segmenter = make_segmenter(settings.segmenter, sam2_checkpoint=settings.sam2_checkpoint,
                                sam2_size=settings.sam2_size, device=settings.device)
-    params = _params(settings)
+    params = pipeline_params(settings)
     summary = IngestSummary(batch_id=uuid.uuid4().hex[:12])
     with open_store(settings.db) as store:
         ctx = _Context(store, clf, segmenter, params, _run_key(clf, segmenter, params))

@@ -20,9 +20,10 @@ over the whole study: precision = TP lesions / predicted lesions, recall = detec
 Baselines (Table 2) threshold the first iteration's relevance map of each GT-positive B-scan,
 normalised per map by its largest positive value (so 1 is the peak; non-positive relevance is
 never foreground), on :data:`THRESHOLD_GRID`. The global threshold maximises the mean Dice over
-the GT-positive B-scans of ``val_study``, or, without one, of the first half of the study's
-patients (sorted ids; the rest is reported). The per-sample oracle takes each B-scan's best
-threshold over *all* values of its map, so it is >= the global baseline on every B-scan.
+the GT-positive B-scans of ``val_study``, or, without one, of the first half (rounded down) of the
+study's patients with an HRF (sorted ids), the baselines then reported on the other half. The
+per-sample oracle takes each B-scan's best threshold over *all* values of its map, so it is >= the
+global baseline on every B-scan.
 """
 
 from __future__ import annotations
@@ -286,7 +287,8 @@ def evaluate_segmentation(study_dir: Path, clf: Classifier, segmenter: Segmenter
                           progress: bool = False) -> dict[str, Any]:
     """Run the pipeline on every volume of a study with ground truth and score its masks after each
     of ``iterations_report`` iterations (default: 1 and ``max_iterations``), next to the Table 2
-    relevance-threshold baselines. Keys: ``after_<k>`` blocks of :func:`aggregate`, ``baselines``."""
+    relevance-threshold baselines. Keys: ``after_<k>`` blocks of :func:`aggregate`, ``baselines``.
+    ``limit_volumes`` caps the volumes read from each study (evaluation and validation), for quick runs."""
     ks = _report_iterations(iterations_report, params)
     per_k: dict[int, list[dict[str, float]]] = {k: [] for k in ks}
     rows: list[dict[str, Any]] = []

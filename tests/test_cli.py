@@ -79,3 +79,29 @@ def test_scan_fixtures(fixtures_dir: Path) -> None:
     assert report["n_volumes"] == 6 and report["n_errors"] == 3
     patients = {v["patient_id"] for v in report["visits"]}
     assert {"01234", "Study-01", "1"} <= patients
+
+
+def test_evaluate_segmentation_and_calibrate_commands(tmp_path: Path) -> None:
+    import torch
+
+    from hrf_batch.checkpoint import ModelConfig, save_model
+    from hrf_batch.nets import build_preset
+    from hrf_batch.sample_study import StudySpec, write_synthetic_study
+
+    torch.manual_seed(0)
+    model = build_preset("cct-tiny", "binary").eval()
+    save_model(model, ModelConfig.for_model(model, norm_mean=40.0, norm_std=50.0, metrics={"threshold": 0.0}), tmp_path / "m")
+    study = tmp_path / "study"
+    write_synthetic_study(study, StudySpec(patients=2, visits=1, bscans=3, width=128, height=96, seed=4))
+    runner = CliRunner()
+    result = runner.invoke(main, ["evaluate", str(study), "--model", str(tmp_path / "m"), "--device", "cpu", "--segmentation",
+                                  "--segmenter", "region", "--max-iterations", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    seg = report["segmentation"]
+    assert seg["segmenter"] == "region-growing" and seg["iterations_reported"] == [1, 2]
+    assert 0.0 <= seg["after_2"]["dice"] <= 1.0 and "oracle" in json.dumps(seg["baselines"])
+    assert 0.0 <= report["pointing_game"]["fraction"] <= 1.0
+    result = runner.invoke(main, ["calibrate", str(study), "--segmenter", "region", "--boxes", "2,4", "--crops", "50,75"])
+    assert result.exit_code == 0, result.output
+    assert "(default)" in result.output and result.output.count("\n") >= 5
