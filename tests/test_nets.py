@@ -63,7 +63,7 @@ def test_cct_forward_shape_for_every_head_pooling_and_pos_embed(task, pooling, p
     assert torch.isfinite(logits).all()
 
 
-@pytest.mark.parametrize("pos_embed", ["learned-2d", "sincos-2d"])
+@pytest.mark.parametrize("pos_embed", ["learned-2d", "sincos-2d", "sincos-2d-rel"])
 def test_one_model_serves_496x512_and_496x1024_bscans(pos_embed):
     model = _tiny("3class", pos_embed=pos_embed).eval()
     assert model.token_grid(496, 512) == (31, 32)
@@ -383,3 +383,14 @@ def test_mil_refuses_missing_or_foreign_weight_files(tmp_path):
     torch.save({"features.0.weight": torch.zeros(3, 3)}, other)
     with pytest.raises(PretrainedWeightsError, match="AlexNet"):
         MilNet("binary", alexnet_weights=other)
+
+
+def test_relative_sincos_keeps_wider_grids_in_the_trained_range() -> None:
+    from hrf_batch.nets.cct import sincos_2d
+
+    ref = sincos_2d(31, 32, 16)
+    wide = sincos_2d(31, 64, 16, ref_grid=(31, 32))
+    # every second column of the 64-wide grid sits exactly on a column of the 32-wide reference grid
+    torch.testing.assert_close(wide[..., ::2], ref, rtol=0, atol=1e-6)
+    absolute = sincos_2d(31, 64, 16)
+    assert not torch.allclose(absolute[..., 32:], wide[..., 32:])

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from hrf_batch.nets.heads import get_task
 
 POOLINGS = ("max", "seq", "smooth-max")
-POS_EMBEDS = ("sincos-2d", "learned-2d", "none")
+POS_EMBEDS = ("sincos-2d", "sincos-2d-rel", "learned-2d", "none")
 
 # Named presets (kwargs of CCT). Token grid = input / 16 for 2 conv layers with stride 2.
 CCT_PRESETS: dict[str, dict[str, Any]] = {
@@ -54,7 +54,7 @@ CCT_PRESETS: dict[str, dict[str, Any]] = {
                       dropout=0.0, attn_dropout=0.1, drop_path=0.1),
     # half the width and depth of cct-small: ~3x cheaper per step on a CPU, the shipped default
     "cct-lite": dict(dim=64, depth=2, heads=2, mlp_ratio=2.0, tokenizer_layers=2, tokenizer_channels=32,
-                     kernel_size=7, conv_stride=2, batchnorm=True, pooling="max", pos_embed="sincos-2d",
+                     kernel_size=7, conv_stride=2, batchnorm=True, pooling="max", pos_embed="sincos-2d-rel",
                      dropout=0.0, attn_dropout=0.1, drop_path=0.05),
     # CCT-7/7x2 of Hassani et al. as the paper used it: 7 blocks, dim 256, sequence pooling
     "cct-7/7x2": dict(dim=256, depth=7, heads=4, mlp_ratio=2.0, tokenizer_layers=2, tokenizer_channels=64,
@@ -235,15 +235,22 @@ class ConvTokenizer(nn.Module):
 
 
 def sincos_2d(rows: int, cols: int, dim: int, *, device: torch.device | None = None,
-              dtype: torch.dtype = torch.float32, temperature: float = 10000.0) -> Tensor:
+              dtype: torch.dtype = torch.float32, temperature: float = 10000.0,
+              ref_grid: tuple[int, int] | None = None) -> Tensor:
     """Fixed 2-D sine-cosine embedding ``(1, dim, rows, cols)``: a quarter of the channels each for
-    sin/cos of the row index and sin/cos of the column index, geometric frequencies."""
+    sin/cos of the row index and sin/cos of the column index, geometric frequencies.
+
+    With ``ref_grid`` the positions are relative: a grid of any size spans the reference grid's
+    range, so a model trained on 512-wide B-scans meets no unseen positions on 768 or 1024 A-scans
+    over the same field (absolute token positions past the training width were seen to flag healthy
+    real scans)."""
     if dim % 4:
         raise ValueError(f"sincos-2d needs dim divisible by 4, got {dim}; change dim or use learned-2d")
     quarter = dim // 4
     omega = temperature ** (-torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
-    ang_r = torch.arange(rows, dtype=torch.float64, device=device)[:, None] * omega[None]
-    ang_c = torch.arange(cols, dtype=torch.float64, device=device)[:, None] * omega[None]
+    step_r, step_c = (ref_grid[0] / rows, ref_grid[1] / cols) if ref_grid else (1.0, 1.0)
+    ang_r = (torch.arange(rows, dtype=torch.float64, device=device) * step_r)[:, None] * omega[None]
+    ang_c = (torch.arange(cols, dtype=torch.float64, device=device) * step_c)[:, None] * omega[None]
     emb_r = torch.cat([ang_r.sin(), ang_r.cos()], dim=1)[:, None, :].expand(rows, cols, 2 * quarter)
     emb_c = torch.cat([ang_c.sin(), ang_c.cos()], dim=1)[None, :, :].expand(rows, cols, 2 * quarter)
     return torch.cat([emb_r, emb_c], dim=2).permute(2, 0, 1)[None].to(dtype)
@@ -254,16 +261,17 @@ class PositionalEmbedding2d(nn.Module):
 
     ``learned-2d`` learns one embedding on the reference grid and resamples it bilinearly to each
     input's grid (positions are relative to the scan width, which suits B-scans with 512, 768 or
-    1024 A-scans over the same field); ``sincos-2d`` is computed for the grid in token units.
+    1024 A-scans over the same field); ``sincos-2d`` is computed for the grid in token units and
+    ``sincos-2d-rel`` in units of the reference grid, relative to the scan width like ``learned-2d``.
     """
 
     def __init__(self, kind: str, dim: int, ref_grid: tuple[int, int]) -> None:
         super().__init__()
         if kind not in POS_EMBEDS:
             raise ValueError(f"unknown pos_embed {kind!r}; choose one of {POS_EMBEDS}")
-        if kind == "sincos-2d" and dim % 4:
+        if kind.startswith("sincos-2d") and dim % 4:
             raise ValueError(f"sincos-2d needs dim divisible by 4, got {dim}; change dim or use learned-2d")
-        self.kind, self.dim = kind, dim
+        self.kind, self.dim, self.ref_grid = kind, dim, ref_grid
         self.weight: nn.Parameter | None = None
         if kind == "learned-2d":
             self.weight = nn.Parameter(torch.empty(1, dim, *ref_grid))
@@ -276,10 +284,11 @@ class PositionalEmbedding2d(nn.Module):
             if tuple(self.weight.shape[2:]) == (rows, cols):
                 return self.weight
             return F.interpolate(self.weight, size=(rows, cols), mode="bilinear", align_corners=False)
-        if self.kind == "sincos-2d":
+        if self.kind.startswith("sincos-2d"):
             key = (rows, cols, str(device), dtype)
             if key not in self._cache:
-                self._cache[key] = sincos_2d(rows, cols, self.dim, device=device, dtype=dtype)
+                ref = tuple(self.ref_grid) if self.kind == "sincos-2d-rel" else None
+                self._cache[key] = sincos_2d(rows, cols, self.dim, device=device, dtype=dtype, ref_grid=ref)
             return self._cache[key]
         return None
 
