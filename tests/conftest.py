@@ -48,3 +48,17 @@ def make_test_volume(
         localizer_spacing_mm=(0.0118, 0.0118), birth_date=date(1950, 6, 1), patient_name="Jane Roe",
     )
     return Volume(bscans=bscans, meta=meta, localizer=localizer)
+
+
+def save_tiny_model(folder: Path, *, threshold: float = 0.0, seed: int = 0) -> Path:
+    """A random-initialised tiny CCT written through the real model writer (threshold 0: every B-scan runs)."""
+    import torch
+
+    from hrf_batch.checkpoint import ModelConfig, save_model
+    from hrf_batch.nets import build_preset
+
+    torch.manual_seed(seed)
+    model = build_preset("cct-tiny", "binary").eval()
+    config = ModelConfig.for_model(model, norm_mean=40.0, norm_std=50.0, preset="cct-tiny", metrics={"threshold": threshold})
+    save_model(model, config, folder)
+    return folder

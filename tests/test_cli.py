@@ -82,15 +82,10 @@ def test_scan_fixtures(fixtures_dir: Path) -> None:
 
 
 def test_evaluate_segmentation_and_calibrate_commands(tmp_path: Path) -> None:
-    import torch
-
-    from hrf_batch.checkpoint import ModelConfig, save_model
-    from hrf_batch.nets import build_preset
+    from conftest import save_tiny_model
     from hrf_batch.sample_study import StudySpec, write_synthetic_study
 
-    torch.manual_seed(0)
-    model = build_preset("cct-tiny", "binary").eval()
-    save_model(model, ModelConfig.for_model(model, norm_mean=40.0, norm_std=50.0, metrics={"threshold": 0.0}), tmp_path / "m")
+    save_tiny_model(tmp_path / "m")
     study = tmp_path / "study"
     write_synthetic_study(study, StudySpec(patients=2, visits=1, bscans=3, width=128, height=96, seed=4))
     runner = CliRunner()

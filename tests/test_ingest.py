@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from hrf_batch.checkpoint import ModelConfig, save_model
+from conftest import save_tiny_model
 from hrf_batch.cli import EXIT_PARTIAL, main
-from hrf_batch.nets import build_preset
 from hrf_batch.sample_study import StudySpec, write_synthetic_study
 
 TABLES = ("patients", "visits", "volumes", "runs", "bscans", "lesions", "ingest_errors")
@@ -25,14 +24,7 @@ TABLES = ("patients", "visits", "volumes", "runs", "bscans", "lesions", "ingest_
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-initialised tiny CCT saved through the real model-file writer."""
-    import torch
-
-    torch.manual_seed(0)
-    model = build_preset("cct-tiny", "binary")
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    save_model(model.eval(), ModelConfig.for_model(model, norm_mean=40.0, norm_std=50.0, preset="cct-tiny",
-                                                    metrics={"threshold": 0.0}), folder)
-    return folder
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def _counts(db: Path) -> dict[str, int]:

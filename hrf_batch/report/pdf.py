@@ -20,7 +20,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from hrf_batch import __version__
 from hrf_batch.report import figures
 from hrf_batch.report.errors import ReportError, UnknownPatientError
-from hrf_batch.report.sources import MISSING, SourcePixels, SourceReader
+from hrf_batch.report.sources import SourcePixels, SourceReader
 from hrf_batch.store import PatientRecord, PatientSummary, Store, StoredBScan, StoredVolume, VisitBurden
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,67 @@
+"""The shipped classifier: it loads, leaves healthy real B-scans alone, finds synthetic HRFs, and
+its relevance points at them. Uses a fresh synthetic study (a seed not used in training)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from hrf_batch.catalog import list_models
+from hrf_batch.classify import load_classifier, score_bscans
+from hrf_batch.config import DEFAULT_MODEL, MODELS_DIR
+from hrf_batch.evaluate import evaluate_classifier, model_threshold
+from hrf_batch.labels import load_study_labels
+from hrf_batch.pipeline import PipelineParams
+from hrf_batch.readers import read_volume
+from hrf_batch.sample_study import StudySpec, write_synthetic_study
+from hrf_batch.seg_eval import evaluate_segmentation, pointing_game
+from hrf_batch.segment import make_segmenter
+
+SHIPPED = MODELS_DIR / DEFAULT_MODEL
+
+
+@pytest.fixture(scope="module")
+def clf():
+    return load_classifier(str(SHIPPED), "cpu", batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def fresh_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fresh")
+    write_synthetic_study(root, StudySpec(patients=3, visits=1, bscans=9, width=512, height=496, seed=909))
+    return root
+
+
+def test_shipped_model_is_listed_intact_with_a_card(clf) -> None:
+    (entry,) = [m for m in list_models(MODELS_DIR) if Path(m["path"]).name == DEFAULT_MODEL]
+    assert entry["intact"] and entry["model_id"] == clf.model_id
+    assert "synthetic" in (SHIPPED / "MODEL_CARD.md").read_text().lower()
+
+
+@pytest.mark.parametrize("name", ["Willis_B_716_0.vol", "Willis_B_716_2.vol", "valid.vol"])
+def test_healthy_real_bscans_score_below_threshold(clf, fixtures_dir: Path, name: str) -> None:
+    vol = read_volume(fixtures_dir / "spectralis-raw-data" / name)
+    scores = score_bscans(clf, vol.bscans)
+    assert (scores < model_threshold(clf)).all(), f"{name}: {scores} vs threshold {model_threshold(clf):.3f}"
+
+
+def test_detects_hrf_on_a_fresh_synthetic_study(clf, fresh_study: Path) -> None:
+    metrics = evaluate_classifier(clf, load_study_labels(fresh_study))
+    assert metrics["auroc"] >= 0.9, metrics
+
+
+def test_pointing_game(clf, fresh_study: Path) -> None:
+    result = pointing_game(fresh_study, clf, tolerance_px=3)
+    assert result["n_bscans"] >= 10
+    assert result["fraction"] >= 0.8, result
+
+
+def test_iterations_raise_lesion_recall_and_prompting_beats_global_threshold(clf, fresh_study: Path) -> None:
+    seg = make_segmenter("region")
+    metrics = evaluate_segmentation(fresh_study, clf, seg, PipelineParams(max_iterations=6))
+    first, last = metrics["after_1"], metrics["after_6"]
+    assert last["lesion_recall"] > first["lesion_recall"]
+    base = metrics["baselines"]  # same held-out GT-positive B-scans for all three numbers
+    assert base["pipeline_dice"]["after_6"] > base["global_dice"], base
+    assert base["oracle_dice"] >= base["global_dice"]
