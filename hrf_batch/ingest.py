@@ -73,13 +73,16 @@ def _utc_now() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
 
 
-def _process(volume: Volume, ctx: "_Context", summary: IngestSummary) -> None:
+def _process(volume: Volume, ctx: "_Context", summary: IngestSummary, progress: bool) -> None:
     if ctx.store.find_done_run_for(volume.meta, ctx.key) is not None:
         summary.already_done += 1
         return
     started = _utc_now()
+    name = Path(volume.meta.source_path).name
+    bar = tqdm(total=ctx.params.max_iterations + 1, desc=f"{name} {volume.meta.eye}", unit="step", leave=False,
+               disable=not progress)
     try:
-        result = run_volume(volume, ctx.clf, ctx.segmenter, ctx.params)
+        result = run_volume(volume, ctx.clf, ctx.segmenter, ctx.params, on_step=lambda: bar.update(1))
     except (HrfBatchError, RuntimeError, ValueError, MemoryError) as exc:
         reason = f"pipeline failed: {type(exc).__name__}: {exc}"
         log.error("%s: %s", volume.meta.source_path, reason)
@@ -88,6 +91,8 @@ def _process(volume: Volume, ctx: "_Context", summary: IngestSummary) -> None:
         summary.failed += 1
         summary.failures.append((volume.meta.source_path, reason))
         return
+    finally:
+        bar.close()
     ctx.store.save_volume_result(result, started_at=started)
     summary.processed += 1
     summary.hrf_count += result.hrf_count
@@ -127,7 +132,7 @@ def ingest_study(study_dir: Path, settings: Settings, *, progress: bool = True,
                 _count_issue(summary, kind, str(source.path), str(exc))
                 continue
             for volume in volumes:
-                _process(volume, ctx, summary)
+                _process(volume, ctx, summary, progress)
                 if on_volume is not None:
                     on_volume(volume.meta.source_path)
     summary.seconds = time.perf_counter() - start

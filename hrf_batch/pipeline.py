@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from scipy import ndimage
@@ -79,7 +79,7 @@ def lesions_of(mask: np.ndarray, index: int, min_px: int) -> tuple[Lesion, ...]:
 
 
 def _iterate(states: dict[int, _State], clf: Classifier, segmenter: Segmenter, p: PipelineParams,
-             seconds: dict[str, float]) -> None:
+             seconds: dict[str, float], on_step: Callable[[], None]) -> None:
     active = sorted(states)
     with Explainer(clf) as explainer:
         for it in range(p.max_iterations):
@@ -96,6 +96,7 @@ def _iterate(states: dict[int, _State], clf: Classifier, segmenter: Segmenter, p
             t0 = time.perf_counter()
             active = _segment_once(states, active, expl.relevance[keep], segmenter, p, it)
             seconds["segment"] += time.perf_counter() - t0
+            on_step()
     if active:  # score after the last inpainting
         t0 = time.perf_counter()
         final = score_bscans(clf, np.stack([states[b].work for b in active]))
@@ -134,19 +135,24 @@ def _segment_once(states: dict[int, _State], active: list[int], relevance: np.nd
     return active
 
 
-def run_volume(volume: Volume, clf: Classifier, segmenter: Segmenter, params: PipelineParams = PipelineParams()) -> VolumeResult:
-    """Find HRFs in every B-scan of ``volume``; one VolumeResult with provenance."""
+def run_volume(volume: Volume, clf: Classifier, segmenter: Segmenter, params: PipelineParams = PipelineParams(),
+               on_step: Callable[[], None] | None = None) -> VolumeResult:
+    """Find HRFs in every B-scan of ``volume``; one VolumeResult with provenance.
+
+    ``on_step`` is called after the first scoring and after each iteration (for progress bars)."""
+    on_step = on_step or (lambda: None)
     seconds = {"score": 0.0, "explain": 0.0, "segment": 0.0}
     resolved = params.resolved(clf)
     t0 = time.perf_counter()
     first = score_bscans(clf, volume.bscans)
     seconds["score"] += time.perf_counter() - t0
+    on_step()
     states: dict[int, _State] = {}
     for b in np.flatnonzero(first >= resolved["threshold"]).tolist():
         img = volume.bscans[b]
         states[b] = _State(work=img.copy(), fill=float(img.mean()), scores=[float(first[b])],
                            mask=np.zeros(img.shape, bool), tried=np.zeros(img.shape, bool))
-    _iterate(states, clf, segmenter, params, seconds)
+    _iterate(states, clf, segmenter, params, seconds, on_step)
     bscans = []
     for b in range(volume.n_bscans):
         st = states.get(b)
