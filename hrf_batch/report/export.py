@@ -152,7 +152,7 @@ def _bscan_rows(v: StoredVolume) -> list[dict[str, Any]]:
     where = _where(v)
     return [
         where | {
-            "bscan_index": b.index, "score": b.score, "final_score": b.final_score, "n_iterations": len(b.scores),
+            "bscan_index": b.index, "score": b.score, "final_score": b.final_score, "n_iterations": len(b.relevance_peaks),
             "hrf_count": b.hrf_count, "hrf_area_px": b.hrf_area_px, "hrf_area_mm2": b.hrf_area_mm2,
             "relevance_max": b.relevance_max,
         }

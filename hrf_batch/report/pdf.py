@@ -222,7 +222,7 @@ def _gallery_entries(
         entries.append({
             "rank": pick.rank, "label": _volume_label(volume), "index": bscan.index, "hrf": bscan.hrf_count,
             "area": fmt_area(bscan.hrf_area_mm2), "score": "–" if bscan.score is None else f"{bscan.score:.2f}",
-            "iterations": len(bscan.scores), "problem": pixels.problem,
+            "iterations": len(bscan.relevance_peaks), "problem": pixels.problem,
             "png": _data_uri(figures.gallery_figure(image, bscan, volume.bscan_shape)),
         })
     return entries
