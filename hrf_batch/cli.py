@@ -182,8 +182,11 @@ def train(study_dir: Path, out_dir: Path, labels: Path | None, preset: str, task
                       takeoff_steps=min(300, steps // 2))
     info = train_model(data, cfg, out_dir, source=str(study_dir), resume=resume)
     m = info.config.metrics
-    click.echo(f"saved {info.model_id} to {out_dir}: validation AUROC {m['auroc']:.3f}, AP {m['ap']:.3f}, "
-               f"F1 {m['f1']:.3f} at threshold {m['threshold']:.3f}")
+    def num(key: str) -> str:
+        return f"{m[key]:.3f}" if isinstance(m.get(key), (int, float)) else "undefined"
+
+    click.echo(f"saved {info.model_id} to {out_dir}: validation AUROC {num('auroc')}, AP {num('ap')}, "
+               f"F1 {num('f1')} at threshold {num('threshold')}")
 
 
 @main.command()

@@ -179,12 +179,23 @@ def _summary(cfg: TrainConfig, run: _Run, train: LabelledBScans, val: LabelledBS
     }
 
 
+def _json_safe(value: Any) -> Any:
+    """NaN (e.g. AUROC of a validation split without HRF) → None, so the config stays valid JSON."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _save_best(run: _Run, cfg: TrainConfig, norm: tuple[float, float], summary: dict[str, Any], out_dir: Path):
     model = run.attempt.model
     current = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(run.best_state)
     config = ModelConfig.for_model(model, norm_mean=norm[0], norm_std=norm[1], preset=cfg.preset,
-                                   training=summary, metrics=run.best_metrics)
+                                   training=_json_safe(summary), metrics=_json_safe(run.best_metrics))
     info = save_model(model, config, out_dir, overwrite=True)
     model.load_state_dict(current)
     return info
@@ -239,6 +250,10 @@ def train_model(data: LabelledBScans, cfg: TrainConfig, out_dir: Path, *, source
     device = resolve_device(cfg.device)
     train_idx, val_idx = split_by_patient(data.patients, cfg.val_fraction, cfg.seed)
     train, val = data.subset(train_idx), data.subset(val_idx)
+    if len(set((val.counts > 0).tolist())) < 2:
+        log.warning("the validation patients' B-scans are all %s: AUROC is undefined and the first "
+                    "evaluation's model is kept; use more patients for a meaningful validation",
+                    "HRF-positive" if (val.counts > 0).all() else "HRF-free")
     norm = _norm_stats(train)
     fingerprint, state_path = _fingerprint(cfg, data), out_dir / STATE_FILE
     run, gen = _Run(_new_attempt(cfg, cfg.seed, device)), torch.Generator().manual_seed(cfg.seed)
