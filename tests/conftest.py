@@ -12,6 +12,17 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED_FIXTURES = PROJECT_ROOT.parent / "shared" / "fixtures"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _two_torch_threads():
+    """The test machines have two cores; keep torch from spawning more threads than that."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(before, 2))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     """The real third-party OCT files; fail loudly (never skip) when they are missing."""

@@ -19,14 +19,6 @@ from hrf_batch.errors import HrfBatchError
 from hrf_batch.nets import build_preset
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny(task: str = "3class", **overrides) -> torch.nn.Module:
     torch.manual_seed(0)
     model = build_preset("cct-tiny", task=task, pos_embed="learned-2d", **overrides)

@@ -24,15 +24,6 @@ N_OUT = {"binary": 1, "3class": 3, "regression": 1}
 REAL_VOLS = ("Willis_B_716_0.vol", "Willis_B_716_2.vol", "valid.vol")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _few_threads():
-    """The test machines share two cores; keep torch from spawning more threads."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _tiny(task: str = "binary", **overrides) -> CCT:
     torch.manual_seed(0)
     return build_preset("cct-tiny", task=task, **overrides)
