@@ -100,3 +100,20 @@ def test_evaluate_segmentation_and_calibrate_commands(tmp_path: Path) -> None:
     result = runner.invoke(main, ["calibrate", str(study), "--segmenter", "region", "--boxes", "2,4", "--crops", "50,75"])
     assert result.exit_code == 0, result.output
     assert "(default)" in result.output and result.output.count("\n") >= 5
+
+
+def test_db_upgrade_command_migrates_an_old_database(tmp_path: Path) -> None:
+    import shutil
+
+    from hrf_batch.store import head_revision
+
+    old = tmp_path / "old.sqlite"
+    shutil.copy(Path(__file__).parent / "assets" / "store_0001.sqlite", old)
+    runner = CliRunner()
+    refused = runner.invoke(main, ["export", "--db", str(old), "--out", str(tmp_path / "csv")])
+    assert refused.exit_code == 1 and "hrf-batch db upgrade" in refused.output
+    result = runner.invoke(main, ["db", "upgrade", "--db", str(old)])
+    assert result.exit_code == 0, result.output
+    assert head_revision() in result.output
+    exported = runner.invoke(main, ["export", "--db", str(old), "--out", str(tmp_path / "csv")])
+    assert exported.exit_code == 0, exported.output
