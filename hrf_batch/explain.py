@@ -38,6 +38,8 @@ model, default ε; the stabilisers) or to the float32 rounding of the map (float
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -97,7 +99,7 @@ def _add(a: Tensor | None, b: Tensor | None, scale: float = 1.0) -> Tensor | Non
 # --------------------------------------------------------------------------- rules (gradient form)
 
 
-class _Rule(Hook):
+class _Rule(Hook, ABC):
     """A zennit hook whose backward maps the modified output gradient ``g`` to the input's.
 
     ``propagate(module, x, z, g)`` gets the layer input ``x``, its output ``z`` and ``g``;
@@ -120,8 +122,9 @@ class _Rule(Hook):
             new = self.propagate(module, x, z, grad_output[0])
         return (new,) + (None,) * (len(grad_input) - 1)
 
+    @abstractmethod
     def propagate(self, module: nn.Module, x: Tensor, z: Tensor, g: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The input-side gradient for output gradient ``g``: the rule itself."""
 
     def copy(self) -> "_Rule":
         return type(self)(**self.params)

@@ -33,6 +33,8 @@ Its value differs from the log-odds by at most ln 2.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import math
 from typing import Any
 
@@ -65,27 +67,27 @@ def _check_logits(logits: Tensor, n: int, task: str) -> None:
         )
 
 
-class Task:
+class Task(ABC):
     """Base class; the subclasses below are stateless and shared through :data:`TASKS`."""
 
     name: str = ""
     n_outputs: int = 1
 
+    @abstractmethod
     def target(self, counts: Any) -> Tensor:
         """Per-task training target from HRF counts per B-scan."""
-        raise NotImplementedError
 
+    @abstractmethod
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """Mean loss over the batch; ``targets`` as returned by :meth:`target`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def score(self, logits: Tensor) -> Tensor:
         """HRF-presence score ``(B,)`` in [0, 1]; higher means more likely to hold HRF."""
-        raise NotImplementedError
 
+    @abstractmethod
     def predict(self, logits: Tensor) -> Tensor:
         """Task-native prediction ``(B,)``: probability, class index, or HRF count."""
-        raise NotImplementedError
 
     def explain_weights(self, logits: Tensor) -> Tensor:
         """Output relevance ``(B, n_outputs)`` to start LRP from; constant (detached)."""
