@@ -27,7 +27,7 @@ class Settings:
     segmenter: str = "auto"  # auto | sam2 | region
     sam2_checkpoint: str | None = None
     sam2_size: str = "tiny"
-    batch_size: int = 8
+    batch_size: int | None = None  # None: 8 on CUDA, 2 on CPU (bigger batches were slower there)
     box_px: int = 4
     crop_px: int = 75
     max_iterations: int = 6
