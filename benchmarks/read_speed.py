@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from hrf_batch.discover import discover, read_sources
-from hrf_batch.synthetic import synth_localizer, synth_volume
+from hrf_batch.synthetic import synth_volume
+from hrf_batch.synthetic_fundus import synth_localizer
 from hrf_batch.volume import BScanPosition, Spacing, Volume, VolumeMeta
 from hrf_batch.writers.dicom import write_dicom_oct
 from hrf_batch.writers.e2e import write_e2e

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hrf_batch.synthetic import synth_localizer, synth_volume
+from hrf_batch.synthetic import synth_volume
+from hrf_batch.synthetic_fundus import synth_localizer
 from hrf_batch.volume import BScanPosition, Spacing, Volume, VolumeMeta
 
 FORMAT_CYCLE = ("heyex-vol", "dicom-oct", "heyex-xml", "heyex-e2e")
