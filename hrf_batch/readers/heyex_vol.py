@@ -9,6 +9,7 @@ every pattern on one path and reads a 49×496×1024 volume in a fraction of a se
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import struct
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -23,7 +24,6 @@ from hrf_batch.volume import (
     Volume,
     VolumeMeta,
     display_from_linear,
-    sha256_of_files,
 )
 
 FILE_HEADER_SIZE = 2048
@@ -166,7 +166,7 @@ def read_vol(path: Path) -> list[Volume]:
     if hdr.size_x_slo and hdr.size_y_slo:
         slo = np.frombuffer(raw, np.uint8, hdr.size_x_slo * hdr.size_y_slo, FILE_HEADER_SIZE)
         localizer = slo.reshape(hdr.size_y_slo, hdr.size_x_slo).astype(np.float32)
-    sha = sha256_of_files([path])
+    sha = hashlib.sha256(raw).hexdigest()  # the bytes are in memory already: no second read
     meta = VolumeMeta(
         source_path=str(path), source_sha256=sha, source_format="heyex-vol",
         series_uid=hdr.scan_id or sha[:16], patient_id=hdr.patient_id, eye=_eye(hdr.scan_position),
