@@ -14,6 +14,13 @@ class HrfBatchError(Exception):
         super().__init__(f"{problem} — {hint}" if hint else problem)
 
 
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """An exception's message squeezed onto one line and cut to ``limit`` characters, for messages
+    that must stay one line (a third-party parser's text can span many)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ReadError(HrfBatchError):
     """A file could not be read as an OCT volume."""
 

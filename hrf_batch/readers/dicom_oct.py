@@ -39,7 +39,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DA, DT
 
-from hrf_batch.errors import NotOctError, ReadError
+from hrf_batch.errors import NotOctError, ReadError, one_line
 from hrf_batch.volume import BScanPosition, Spacing, Volume, VolumeMeta, sha256_of_files
 
 log = logging.getLogger(__name__)
@@ -544,6 +544,5 @@ def _looks_like_uid(value: str) -> bool:
 
 
 def _short(exc: BaseException) -> str:
-    """First line of an exception message, trimmed: ReadError messages must stay on one line."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
+    """ReadError messages must stay on one line."""
+    return one_line(exc, 160)

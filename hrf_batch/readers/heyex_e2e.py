@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from hrf_batch.errors import ReadError
+from hrf_batch.errors import ReadError, one_line
 from hrf_batch.volume import (
     BScanPosition,
     Spacing,
@@ -60,11 +60,6 @@ def is_e2e(head: bytes) -> bool:
 
 def _fail(path: Path, problem: str) -> ReadError:
     return ReadError(path, problem, _HINT)
-
-
-def _one_line(exc: BaseException, limit: int = 200) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _check_directory(path: Path) -> None:
@@ -248,7 +243,7 @@ def read_e2e(path: Path) -> list[Volume]:
             volumes = [_series_volume(path, digest, s, slices) for s, slices in found if slices]
     # eyepy and its construct parser raise many unrelated types on damaged content; all mean "unreadable"
     except Exception as exc:
-        raise _fail(path, f"cannot parse the E2E content ({type(exc).__name__}: {_one_line(exc)})") from exc
+        raise _fail(path, f"cannot parse the E2E content ({type(exc).__name__}: {one_line(exc)})") from exc
     if not volumes:
         raise _fail(path, f"no OCT series with B-scans in the file ({len(found)} series found)")
     return volumes
