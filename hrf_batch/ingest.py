@@ -12,7 +12,6 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -27,7 +26,7 @@ from hrf_batch.pipeline import PipelineParams, run_volume
 from hrf_batch.readers import read_source
 from hrf_batch.results import RunInfo
 from hrf_batch.segment import Segmenter, make_segmenter
-from hrf_batch.store import Store, open_store
+from hrf_batch.store import Store, open_store, utc_now
 from hrf_batch.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -69,15 +68,11 @@ def _run_key(clf: Classifier, segmenter: Segmenter, params: PipelineParams) -> R
                    parameters=params.resolved(clf), code_version=__version__, device=str(clf.device))
 
 
-def _utc_now() -> datetime:
-    return datetime.now(timezone.utc).replace(tzinfo=None)
-
-
 def _process(volume: Volume, ctx: "_Context", summary: IngestSummary, progress: bool) -> None:
     if ctx.store.find_done_run_for(volume.meta, ctx.key) is not None:
         summary.already_done += 1
         return
-    started = _utc_now()
+    started = utc_now()
     name = Path(volume.meta.source_path).name
     bar = tqdm(total=ctx.params.max_iterations + 1, desc=f"{name} {volume.meta.eye}", unit="step", leave=False,
                disable=not progress)
