@@ -1,7 +1,7 @@
 """B-scans per second of a classifier model: forward, and forward + input gradient (what LRP costs),
 at batch 1 and 8, for 496×512 and 496×1024 B-scans. Measured on CUDA when available, else CPU.
 
-Run: .venv/bin/python benchmarks/classifier_speed.py [--model models/cct-lite-synth] [--repeats 3]
+Run: .venv/bin/python benchmarks/classifier_speed.py [--model MODEL_DIR] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import time
 
 import torch
 
-from hrf_batch.checkpoint import load_model, resolve_device
+from hrf_batch.model.files import load_model, resolve_device
 from hrf_batch.config import MODELS_DIR, DEFAULT_MODEL
-from hrf_batch.nets import get_task
+from hrf_batch.model.nets import get_task
 
 
 def _time(fn, repeats: int, device: torch.device) -> float:

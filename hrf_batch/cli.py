@@ -16,7 +16,7 @@ from hrf_batch.errors import HrfBatchError
 
 if TYPE_CHECKING:
     from hrf_batch.config import Settings
-    from hrf_batch.labels import LabelledBScans
+    from hrf_batch.io.labels import LabelledBScans
 
 
 def _friendly(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -95,8 +95,8 @@ def _format_info(summary: dict[str, Any]) -> str:
 @_friendly
 def info(path: Path, as_json: bool, show_identifiers: bool) -> None:
     """Print what was read from one OCT file: shape, spacing, eye, patient, dates, positions."""
-    from hrf_batch.readers import read_volumes
-    from hrf_batch.volume import volume_summary
+    from hrf_batch.io.readers import read_volumes
+    from hrf_batch.io.volume import volume_summary
 
     summaries = [volume_summary(v, show_identifiers=show_identifiers) for v in read_volumes(path)]
     if as_json:
@@ -111,7 +111,7 @@ def info(path: Path, as_json: bool, show_identifiers: bool) -> None:
 @_friendly
 def scan(study_dir: Path, as_json: bool) -> None:
     """List the OCT volumes in a study folder by patient, visit and eye, and every file left out."""
-    from hrf_batch.study import scan_study
+    from hrf_batch.io.study import scan_study
 
     report = scan_study(study_dir)
     if as_json:
@@ -137,7 +137,7 @@ def scan(study_dir: Path, as_json: bool) -> None:
 @_friendly
 def synth(out_dir: Path, patients: int, visits: int, bscans: int, width: int, height: int, seed: int) -> None:
     """Write a synthetic study (both eyes, every supported format) with HRF ground truth beside it."""
-    from hrf_batch.sample_study import StudySpec, write_synthetic_study
+    from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 
     spec = StudySpec(patients=patients, visits=visits, bscans=bscans, width=width, height=height, seed=seed)
     manifest = write_synthetic_study(out_dir, spec)
@@ -148,7 +148,7 @@ def synth(out_dir: Path, patients: int, visits: int, bscans: int, width: int, he
 
 
 def _labelled(study_dir: Path, labels: Path | None) -> LabelledBScans:
-    from hrf_batch.labels import load_csv_labels, load_study_labels
+    from hrf_batch.io.labels import load_csv_labels, load_study_labels
 
     return load_csv_labels(labels, study_dir) if labels else load_study_labels(study_dir)
 
@@ -173,7 +173,7 @@ def train(study_dir: Path, out_dir: Path, labels: Path | None, preset: str, task
           max_lr: float, eval_every: int, val_fraction: float, seed: int, device: str, alexnet_weights: Path | None,
           resume: bool) -> None:
     """Train a B-scan classifier from image-level labels; the best model by validation AUROC is kept."""
-    from hrf_batch.train import TrainConfig, train_model
+    from hrf_batch.training.train import TrainConfig, train_model
 
     data = _labelled(study_dir, labels)
     cfg = TrainConfig(preset=preset, task=task, steps=steps, batch_size=batch_size, max_lr=max_lr, eval_every=eval_every,
@@ -209,8 +209,8 @@ def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Pat
     """Score a labelled study with a model: AUROC, AP and F1 for HRF presence; with --segmentation
     also Dice, pixel recall/precision and lesion F1 after 1 and N iterations, the global- and
     oracle-threshold baselines, and the pointing game."""
-    from hrf_batch.classify import load_classifier
-    from hrf_batch.evaluate import evaluate_classifier, format_metrics
+    from hrf_batch.model.classify import load_classifier
+    from hrf_batch.evaluation.classification import evaluate_classifier, format_metrics
 
     settings = _settings(ctx, model=model, device=device, segmenter=segmenter, sam2_checkpoint=sam2_checkpoint,
                          max_iterations=max_iterations)
@@ -224,7 +224,7 @@ def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Pat
         return
     click.echo(format_metrics(metrics))
     if segmentation:
-        from hrf_batch.seg_eval import format_segmentation
+        from hrf_batch.evaluation.segmentation import format_segmentation
 
         pg = report["pointing_game"]
         click.echo("\n" + format_segmentation(report["segmentation"]))
@@ -235,7 +235,7 @@ def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Pat
 def _segmentation_report(settings: Settings, clf: Any, study_dir: Path, val_study: Path | None,
                          limit_volumes: int | None) -> dict[str, Any]:
     from hrf_batch.ingest import pipeline_params
-    from hrf_batch.seg_eval import evaluate_segmentation, pointing_game
+    from hrf_batch.evaluation.segmentation import evaluate_segmentation, pointing_game
     from hrf_batch.segment import make_segmenter
 
     seg = make_segmenter(settings.segmenter, sam2_checkpoint=settings.sam2_checkpoint, sam2_size=settings.sam2_size,
@@ -268,8 +268,8 @@ def _int_list(value: str) -> tuple[int, ...]:
 def calibrate(ctx: click.Context, study_dir: Path, segmenter: str | None, sam2_checkpoint: str | None, device: str | None,
               boxes: str, crops: str, limit_hrfs: int, as_json: bool) -> None:
     """Grid search over box and crop sizes, prompting at ground-truth HRF centres; prints Dice per setting."""
-    from hrf_batch.calibrate import calibrate as run_calibration
-    from hrf_batch.calibrate import format_calibration
+    from hrf_batch.evaluation.calibrate import calibrate as run_calibration
+    from hrf_batch.evaluation.calibrate import format_calibration
     from hrf_batch.segment import make_segmenter
 
     settings = _settings(ctx, segmenter=segmenter, sam2_checkpoint=sam2_checkpoint, device=device)
@@ -340,7 +340,7 @@ def db_upgrade(ctx: click.Context, db_opt: str | None) -> None:
 @_friendly
 def models(ctx: click.Context, models_dir: Path | None, as_json: bool) -> None:
     """List the classifier models with their ids and purpose, and whether SAM 2 is ready."""
-    from hrf_batch.catalog import list_models
+    from hrf_batch.model.catalog import list_models
     from hrf_batch.config import MODELS_DIR
     from hrf_batch.segment import sam2_status
 

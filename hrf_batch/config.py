@@ -12,8 +12,7 @@ from typing import Any, Mapping
 
 from hrf_batch.errors import HrfBatchError
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-MODELS_DIR = PROJECT_ROOT / "models"
+MODELS_DIR = Path(__file__).resolve().parent / "model" / "shipped"  # package data: also in a wheel
 DEFAULT_MODEL = "cct-lite-synth"
 DEFAULT_DB = "hrf_batch.sqlite"
 CONFIG_FILE = "hrf-batch.toml"

@@ -18,16 +18,16 @@ from typing import Callable
 from tqdm import tqdm
 
 from hrf_batch import __version__
-from hrf_batch.classify import Classifier, load_classifier
+from hrf_batch.model.classify import Classifier, load_classifier
 from hrf_batch.config import Settings
-from hrf_batch.discover import discover
+from hrf_batch.io.discover import discover
 from hrf_batch.errors import HrfBatchError, NotOctError
 from hrf_batch.pipeline import PipelineParams, run_volume
-from hrf_batch.readers import read_source
+from hrf_batch.io.readers import read_source
 from hrf_batch.results import RunInfo
 from hrf_batch.segment import Segmenter, make_segmenter
 from hrf_batch.store import Store, open_store, utc_now
-from hrf_batch.volume import Volume
+from hrf_batch.io.volume import Volume
 
 log = logging.getLogger(__name__)
 

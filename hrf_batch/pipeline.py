@@ -18,13 +18,13 @@ import numpy as np
 from scipy import ndimage
 
 from hrf_batch import __version__
-from hrf_batch.classify import Classifier, score_bscans
-from hrf_batch.evaluate import model_threshold
-from hrf_batch.explain import Explainer
-from hrf_batch.prompts import make_prompt, peak
+from hrf_batch.model.classify import Classifier, score_bscans
+from hrf_batch.evaluation.classification import model_threshold
+from hrf_batch.model.explain import Explainer
+from hrf_batch.segment.prompts import make_prompt, peak
 from hrf_batch.results import BScanResult, Lesion, RunInfo, Segment, VolumeResult
 from hrf_batch.segment import Segmenter
-from hrf_batch.volume import Volume
+from hrf_batch.io.volume import Volume
 
 _EIGHT = np.ones((3, 3), dtype=bool)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from hrf_batch.volume import VolumeMeta
+from hrf_batch.io.volume import VolumeMeta
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,7 @@ def make_test_volume(
 
     import numpy as np
 
-    from hrf_batch.volume import BScanPosition, Spacing, Volume, VolumeMeta
+    from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta
 
     rng = np.random.default_rng(seed)
     bscans = rng.integers(0, 256, size=(n, height, width)).astype(np.float32)
@@ -65,8 +65,8 @@ def save_tiny_model(folder: Path, *, threshold: float = 0.0, seed: int = 0) -> P
     """A random-initialised tiny CCT written through the real model writer (threshold 0: every B-scan runs)."""
     import torch
 
-    from hrf_batch.checkpoint import ModelConfig, save_model
-    from hrf_batch.nets import build_preset
+    from hrf_batch.model.files import ModelConfig, save_model
+    from hrf_batch.model.nets import build_preset
 
     torch.manual_seed(seed)
     model = build_preset("cct-tiny", "binary").eval()

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from hrf_batch.errors import ReadError
-from hrf_batch.readers.heyex_e2e import BSCAN_IMAGE, read_e2e
-from hrf_batch.volume import BScanPosition, Spacing, Volume, VolumeMeta, display_from_linear, linear_from_display
-from hrf_batch.writers.e2e import e2e_code_from_linear, write_e2e
+from hrf_batch.io.readers.heyex_e2e import BSCAN_IMAGE, read_e2e
+from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta, display_from_linear, linear_from_display
+from hrf_batch.io.writers.e2e import e2e_code_from_linear, write_e2e
 
 H, W = 64, 96
 LATERAL, AXIAL, BETWEEN = 0.0114, 0.0039, 0.12

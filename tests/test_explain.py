@@ -20,11 +20,11 @@ import torch
 from scipy.special import erf
 from torch import nn
 
-from hrf_batch.checkpoint import ModelConfig, ModelInfo, load_model, save_model
-from hrf_batch.classify import Classifier, to_tensor
-from hrf_batch.explain import RULE_SETS, Explainer, Explanation, relevance_maps
-from hrf_batch.nets import LrpAware, build_preset, conservative, get_task
-from hrf_batch.synthetic import synth_bscan
+from hrf_batch.model.files import ModelConfig, ModelInfo, load_model, save_model
+from hrf_batch.model.classify import Classifier, to_tensor
+from hrf_batch.model.explain import RULE_SETS, Explainer, Explanation, relevance_maps
+from hrf_batch.model.nets import LrpAware, build_preset, conservative, get_task
+from hrf_batch.synthetic.generator_a import synth_bscan
 
 TASK_NAMES = ("binary", "3class", "regression")
 MEAN, STD = 128.0, 64.0  # powers of two: normalised integer pixels are exact in float32

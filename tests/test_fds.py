@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from hrf_batch.errors import ReadError
-from hrf_batch.readers.topcon_fds import is_fds, read_fds
+from hrf_batch.io.readers.topcon_fds import is_fds, read_fds
 
 FIXTURE_SHA256 = "a3bc980e7ff265e2227397e1c406e85f0e997784c979dcc7457f8f5a20cd30e2"
 SCALE = 255.0 / 65535.0

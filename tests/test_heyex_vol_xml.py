@@ -12,9 +12,9 @@ from eyepy.io.he.vol_reader import HeVolReader
 
 from conftest import make_test_volume
 from hrf_batch.errors import ReadError
-from hrf_batch.readers import read_volume
-from hrf_batch.writers.heyex_xml import write_heyex_xml
-from hrf_batch.writers.vol import write_vol
+from hrf_batch.io.readers import read_volume
+from hrf_batch.io.writers.heyex_xml import write_heyex_xml
+from hrf_batch.io.writers.vol import write_vol
 
 
 def test_willis_line_scan(fixtures_dir: Path) -> None:

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from conftest import save_tiny_model
 from hrf_batch.cli import EXIT_PARTIAL, main
-from hrf_batch.sample_study import StudySpec, write_synthetic_study
+from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 
 TABLES = ("patients", "visits", "volumes", "runs", "bscans", "lesions", "ingest_errors")
 

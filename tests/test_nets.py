@@ -11,13 +11,13 @@ import torch
 from scipy import ndimage as ndi
 from torchvision.models import alexnet
 
-from hrf_batch.nets import (
+from hrf_batch.model.nets import (
     ALEXNET_WEIGHTS_FILE, CCT, POOLINGS, POS_EMBEDS, PRESETS, LrpAware, MilNet, PretrainedWeightsError,
     build_preset, conservative, count_parameters, get_task, patch_boxes, patch_grid, retina_band,
 )
-from hrf_batch.nets.cct import GELU, Attention, LayerNorm, sincos_2d
-from hrf_batch.readers import read_volume
-from hrf_batch.synthetic import synth_bscan
+from hrf_batch.model.nets.cct import GELU, Attention, LayerNorm, sincos_2d
+from hrf_batch.io.readers import read_volume
+from hrf_batch.synthetic.generator_a import synth_bscan
 
 TASK_NAMES = ("binary", "3class", "regression")
 N_OUT = {"binary": 1, "3class": 3, "regression": 1}
@@ -343,7 +343,7 @@ def test_mil_loss_falls_within_a_few_steps():
 
 
 def test_mil_random_init_warns_with_the_weights_file_name(caplog):
-    with caplog.at_level(logging.WARNING, logger="hrf_batch.nets.mil"):
+    with caplog.at_level(logging.WARNING, logger="hrf_batch.model.nets.mil"):
         model = build_preset("mil-alexnet")
     assert model.feature_init == "random"
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -355,7 +355,7 @@ def test_mil_loads_imagenet_alexnet_weights_from_a_local_file(tmp_path, caplog):
     reference = alexnet(weights=None).state_dict()
     path = tmp_path / ALEXNET_WEIGHTS_FILE
     torch.save(reference, path)
-    with caplog.at_level(logging.WARNING, logger="hrf_batch.nets.mil"):
+    with caplog.at_level(logging.WARNING, logger="hrf_batch.model.nets.mil"):
         model = MilNet("binary", alexnet_weights=path)
     assert not caplog.records
     assert model.feature_init == f"imagenet:{ALEXNET_WEIGHTS_FILE}"
@@ -377,7 +377,7 @@ def test_mil_refuses_missing_or_foreign_weight_files(tmp_path):
 
 
 def test_relative_sincos_keeps_wider_grids_in_the_trained_range() -> None:
-    from hrf_batch.nets.cct import sincos_2d
+    from hrf_batch.model.nets.cct import sincos_2d
 
     ref = sincos_2d(31, 32, 16)
     wide = sincos_2d(31, 64, 16, ref_grid=(31, 32))

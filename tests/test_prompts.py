@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hrf_batch.prompts import Prompt, box_in_crop, crop, from_crop, make_prompt, paste, peak, to_crop
+from hrf_batch.segment.prompts import Prompt, box_in_crop, crop, from_crop, make_prompt, paste, peak, to_crop
 
 
 def test_peak_takes_largest_positive_and_skips_excluded() -> None:

@@ -22,10 +22,10 @@ from hrf_batch.errors import HrfBatchError
 from hrf_batch.report import EXPORT_FILES, NOTICE, UnknownPatientError, export_cohort, render_patient_report
 from hrf_batch.report.figures import dot_sizes, mm_to_px
 from hrf_batch.results import BScanResult, Lesion, RunInfo, VolumeResult
-from hrf_batch.sample_study import StudySpec, load_ground_truth, write_synthetic_study
+from hrf_batch.synthetic.study import StudySpec, load_ground_truth, write_synthetic_study
 from hrf_batch.store import Store, open_store
-from hrf_batch.study import iter_study
-from hrf_batch.volume import Volume
+from hrf_batch.io.study import iter_study
+from hrf_batch.io.volume import Volume
 
 SPEC = StudySpec(patients=2, visits=2, bscans=3, width=128, height=96, seed=1)
 TEST_MODEL_ID = "TEST-ONLY-fake-model-0000"

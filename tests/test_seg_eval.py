@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hrf_batch import seg_eval
-from hrf_batch.calibrate import calibrate, format_calibration, hrf_centre, hrf_dice
+from hrf_batch.evaluation import segmentation as seg_eval
+from hrf_batch.evaluation.calibrate import calibrate, format_calibration, hrf_centre, hrf_dice
 from conftest import save_tiny_model
-from hrf_batch.classify import Classifier, load_classifier
-from hrf_batch.explain import Explanation
-from hrf_batch.labels import LabelError
+from hrf_batch.model.classify import Classifier, load_classifier
+from hrf_batch.model.explain import Explanation
+from hrf_batch.io.labels import LabelError
 from hrf_batch.pipeline import PipelineParams
-from hrf_batch.sample_study import StudySpec, load_ground_truth, write_synthetic_study
-from hrf_batch.seg_eval import (
+from hrf_batch.synthetic.study import StudySpec, load_ground_truth, write_synthetic_study
+from hrf_batch.evaluation.segmentation import (
     aggregate,
     bscan_scores,
     evaluate_segmentation,
@@ -136,7 +136,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
         positive = {key[0] for key, labels in load_ground_truth(out).items() if labels.any()}
         if positive == {"P001", "P002"}:
             return out
-    pytest.fail("no seed in 7..39 gives both synthetic patients an HRF; check hrf_batch.synthetic")
+    pytest.fail("no seed in 7..39 gives both synthetic patients an HRF; check hrf_batch.synthetic.generator_a")
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 
-from hrf_batch.labels import LabelError
-from hrf_batch.prompts import DEFAULT_BOX_PX, DEFAULT_CROP_PX, make_prompt
+from hrf_batch.io.labels import LabelError
+from hrf_batch.segment.prompts import DEFAULT_BOX_PX, DEFAULT_CROP_PX, make_prompt
 from hrf_batch.segment import Segmenter
-from hrf_batch.seg_eval import labelled_volumes
+from hrf_batch.evaluation.segmentation import labelled_volumes
 
 _CHUNK = 32  # prompts per segmenter call: bounds the memory of full-size masks
 
@@ -63,7 +63,7 @@ def hrf_dice(pred: np.ndarray, labels: np.ndarray, label: int) -> float:
 
 def _sample_hrfs(study_dir: Path, limit_hrfs: int | None, seed: int) -> list[_Hrf]:
     """Every ground-truth HRF of the study (or a seeded sample), in a stable order."""
-    from hrf_batch.sample_study import load_ground_truth
+    from hrf_batch.synthetic.study import load_ground_truth
 
     if not (Path(study_dir) / "ground_truth" / "manifest.csv").is_file():
         raise LabelError(f"{study_dir} has no ground_truth/manifest.csv",

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from hrf_batch.classify import Classifier, score_images
-from hrf_batch.labels import LabelledBScans
-from hrf_batch.metrics import presence_metrics
+from hrf_batch.model.classify import Classifier, score_images
+from hrf_batch.io.labels import LabelledBScans
+from hrf_batch.evaluation.metrics import presence_metrics
 
 
 def model_threshold(clf: Classifier) -> float:
@@ -24,7 +24,7 @@ def evaluate_classifier(clf: Classifier, data: LabelledBScans) -> dict[str, Any]
     out: dict[str, Any] = {"model_id": clf.model_id, "task": cfg.task, **presence_metrics(data.counts, scores, model_threshold(clf))}
     out["n_patients"] = len(set(data.patients.tolist()))
     if cfg.task == "regression":
-        from hrf_batch.nets.heads import RegressionTask
+        from hrf_batch.model.nets.heads import RegressionTask
 
         predicted = np.array([RegressionTask.count_at_score(min(float(s), 1 - 1e-6)) for s in scores])
         out["count_mae"] = float(np.mean(np.abs(predicted - np.minimum(data.counts, 10))))

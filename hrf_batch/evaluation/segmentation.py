@@ -37,15 +37,15 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from hrf_batch.classify import Classifier
-from hrf_batch.discover import FileIssue
-from hrf_batch.explain import relevance_maps
-from hrf_batch.labels import LabelError
+from hrf_batch.model.classify import Classifier
+from hrf_batch.io.discover import FileIssue
+from hrf_batch.model.explain import relevance_maps
+from hrf_batch.io.labels import LabelError
 from hrf_batch.pipeline import PipelineParams, run_volume
 from hrf_batch.results import VolumeResult
 from hrf_batch.segment import Segmenter
-from hrf_batch.study import iter_study
-from hrf_batch.volume import Volume
+from hrf_batch.io.study import iter_study
+from hrf_batch.io.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ def labelled_volumes(study_dir: Path, limit_volumes: int | None = None, *, progr
 
     Unreadable files are logged and appended to ``issues`` (when given) so callers can report them.
     """
-    from hrf_batch.sample_study import load_ground_truth
+    from hrf_batch.synthetic.study import load_ground_truth
 
     study_dir = Path(study_dir)
     if not (study_dir / "ground_truth" / "manifest.csv").is_file():

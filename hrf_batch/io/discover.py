@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from hrf_batch.errors import HrfBatchError, NotOctError, ReadError
-from hrf_batch.readers import OCT_SUFFIXES, SUPPORTED, read_head, read_source, sniff
-from hrf_batch.volume import Volume, VolumeMeta
+from hrf_batch.io.readers import OCT_SUFFIXES, SUPPORTED, read_head, read_source, sniff
+from hrf_batch.io.volume import Volume, VolumeMeta
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def _classify(path: Path, disc: Discovery, dicoms: list[Path], xmls: list[Path],
 
 def _group_dicoms(dicoms: list[Path], disc: Discovery) -> set[Path]:
     """One source per multi-frame file and per folder of single-frame instances of one series."""
-    from hrf_batch.readers.dicom_oct import peek_dicom
+    from hrf_batch.io.readers.dicom_oct import peek_dicom
 
     series: dict[str, list[Path]] = defaultdict(list)
     localizers: set[Path] = set()
@@ -104,7 +104,7 @@ def _group_dicoms(dicoms: list[Path], disc: Discovery) -> set[Path]:
 
 
 def _claim_xml(xmls: list[Path], disc: Discovery) -> set[Path]:
-    from hrf_batch.readers.heyex_xml import referenced_files
+    from hrf_batch.io.readers.heyex_xml import referenced_files
 
     claimed: set[Path] = set()
     for path in xmls:

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hrf_batch.discover import FileIssue
+from hrf_batch.io.discover import FileIssue
 from hrf_batch.errors import HrfBatchError
-from hrf_batch.readers import read_volumes
-from hrf_batch.study import iter_study
-from hrf_batch.volume import Volume, VolumeMeta
+from hrf_batch.io.readers import read_volumes
+from hrf_batch.io.study import iter_study
+from hrf_batch.io.volume import Volume, VolumeMeta
 
 
 class LabelError(HrfBatchError):
@@ -78,7 +78,7 @@ def count_labels(labels: np.ndarray) -> np.ndarray:
 
 def load_study_labels(study_dir: Path) -> LabelledBScans:
     """B-scans of a study with ground truth written by ``hrf-batch synth`` (masks included)."""
-    from hrf_batch.sample_study import load_ground_truth
+    from hrf_batch.synthetic.study import load_ground_truth
 
     study_dir = Path(study_dir)
     if not (study_dir / "ground_truth" / "manifest.csv").is_file():

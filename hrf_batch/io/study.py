@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-from hrf_batch.discover import FileIssue, discover, group_by_visit, read_sources
-from hrf_batch.volume import Volume, volume_summary
+from hrf_batch.io.discover import FileIssue, discover, group_by_visit, read_sources
+from hrf_batch.io.volume import Volume, volume_summary
 
 
 def iter_study(study_dir: Path) -> Iterator[Volume | FileIssue]:

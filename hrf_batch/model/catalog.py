@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hrf_batch.checkpoint import CONFIG_FILE, WEIGHTS_FILE, model_id_for, sha256_file
+from hrf_batch.model.files import CONFIG_FILE, WEIGHTS_FILE, model_id_for, sha256_file
 
 CARD_FILE = "MODEL_CARD.md"
 

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from hrf_batch.checkpoint import ModelInfo, load_model, resolve_device
-from hrf_batch.nets import Task, get_task
+from hrf_batch.model.files import ModelInfo, load_model, resolve_device
+from hrf_batch.model.nets import Task, get_task
 
 
 @dataclass

@@ -50,8 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from zennit.core import Composite, Hook, Stabilizer
 
-from hrf_batch.classify import Classifier, normalise
-from hrf_batch.nets import conservative
+from hrf_batch.model.classify import Classifier, normalise
+from hrf_batch.model.nets import conservative
 
 DISPLAY_RANGE = (0.0, 255.0)  # pixel range of display-scale B-scans; the z^B rule's box
 EPSILON = 1e-6  # ε of the ε rule and stabiliser of the other rules, relative to the layer's RMS

@@ -28,7 +28,7 @@ from torch import nn
 
 from hrf_batch import __version__
 from hrf_batch.errors import HrfBatchError
-from hrf_batch.nets import ARCHITECTURES, TASKS
+from hrf_batch.model.nets import ARCHITECTURES, TASKS
 
 FORMAT = "hrf-batch-model"
 FORMAT_VERSION = 1
@@ -58,7 +58,7 @@ class ModelConfig:
 
     @classmethod
     def for_model(cls, model: nn.Module, **fields: Any) -> "ModelConfig":
-        """The config of a model built from :mod:`hrf_batch.nets`: arch, task and all kwargs."""
+        """The config of a model built from :mod:`hrf_batch.model.nets`: arch, task and all kwargs."""
         return cls(arch=model.arch, task=model.task_name, kwargs=dict(model.arch_kwargs), **fields)
 
     def to_dict(self) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from hrf_batch.prompts import Prompt
-from hrf_batch.segment.checkpoints import (
+from hrf_batch.segment.prompts import Prompt
+from hrf_batch.segment.weights import (
     CHECKPOINT_ENV,
     SAM2_MODELS,
     SegmenterSetupError,

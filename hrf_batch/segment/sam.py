@@ -8,7 +8,7 @@ relevance peak, the best of SAM's multimask outputs):
   before its ImageNet normalisation, whereas float input would be taken as already in 0..1. With
   the input already 1024 x 1024 the predictor's own (bilinear) resize is the identity, so our
   interpolation is the one that counts and the box coordinates are explicit: the prompt box is
-  scaled by 1024 / crop size (see :mod:`hrf_batch.prompts` for the pixel-edge convention, which
+  scaled by 1024 / crop size (see :mod:`hrf_batch.segment.prompts` for the pixel-edge convention, which
   is also SAM 2's). The grey value is repeated into three channels. A crop that is not square
   (only for images smaller than the crop size) is stretched to the square input, as SAM 2's own
   resize would; the box is scaled per axis to match.
@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hrf_batch.checkpoint import resolve_device, sha256_file
-from hrf_batch.prompts import Prompt, box_in_crop, crop, paste
-from hrf_batch.segment.checkpoints import SegmenterSetupError, how_to_install, require_checkpoint, sam2_spec
+from hrf_batch.model.files import resolve_device, sha256_file
+from hrf_batch.segment.prompts import Prompt, box_in_crop, crop, paste
+from hrf_batch.segment.weights import SegmenterSetupError, how_to_install, require_checkpoint, sam2_spec
 
 log = logging.getLogger(__name__)
 

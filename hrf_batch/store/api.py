@@ -25,7 +25,7 @@ from hrf_batch.store.records import (
     StoredBScan,
     StoredVolume,
 )
-from hrf_batch.volume import VolumeMeta
+from hrf_batch.io.volume import VolumeMeta
 
 
 def open_store(url: str | None = None) -> Store:

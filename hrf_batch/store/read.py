@@ -38,7 +38,7 @@ from hrf_batch.store.records import (
     VolumeBurden,
 )
 from hrf_batch.store.write import RunKey
-from hrf_batch.volume import BScanPosition, Spacing
+from hrf_batch.io.volume import BScanPosition, Spacing
 
 VIEWS: dict[str, type] = {
     "hrf_burden_volume": VolumeBurden,

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from hrf_batch.volume import BScanPosition, Spacing
+from hrf_batch.io.volume import BScanPosition, Spacing
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from hrf_batch.store.schema import (
     VisitRow,
     VolumeRow,
 )
-from hrf_batch.volume import VolumeMeta
+from hrf_batch.io.volume import VolumeMeta
 
 _BUG_HINT = "this is a bug in the pipeline output; please report it with the file that caused it"
 

@@ -1,6 +1,6 @@
 """Synthetic IR/SLO-like localizer (fundus) images: optic disc, branching vessels, fovea.
 
-Split from :mod:`hrf_batch.synthetic` (B-scans) so each module keeps one job; used as the
+Split from :mod:`hrf_batch.synthetic.generator_a` (B-scans) so each module keeps one job; used as the
 localizer of synthetic volumes.
 """
 
@@ -11,7 +11,7 @@ import math
 import numpy as np
 from scipy import ndimage as ndi
 
-from hrf_batch.synthetic import smooth_noise
+from hrf_batch.synthetic.generator_a import smooth_noise
 
 
 def _walk(rng: np.random.Generator, start: np.ndarray, angle: float, length: float, size: int,

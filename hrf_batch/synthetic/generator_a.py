@@ -4,7 +4,7 @@ Real AMD data with pixel-level HRF masks is scarce, so the classifier, the segme
 tests run on images whose ground truth is known by construction. The generator draws the anatomy
 of one eye in millimetres (retinal layers with a foveal pit, curvature, drusen, superficial vessels,
 choroid), renders a mean image on HEYEX's 0..255 display scale, applies multiplicative speckle in
-linear reflectivity and maps back through the display curve of :mod:`hrf_batch.volume`. Intensity
+linear reflectivity and maps back through the display curve of :mod:`hrf_batch.io.volume`. Intensity
 levels were matched to a real Spectralis line scan (vitreous/background near 0..30, bright bands
 up to ~230..255).
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from hrf_batch.volume import display_from_linear
+from hrf_batch.io.volume import display_from_linear
 
-# Display curve of the HEYEX export (see hrf_batch.volume): display = (ln(x + OFF) + A) / B * 255.
+# Display curve of the HEYEX export (see hrf_batch.io.volume): display = (ln(x + OFF) + A) / B * 255.
 _OFF, _A, _B = 2.44e-4, 8.3, 8.285
 _MIN_FIELD_MM = 3.0   # narrower images get a coarser lateral spacing so the fovea still fits
 _MIN_DEPTH_MM = 1.0   # shorter images get a coarser axial spacing so retina and choroid fit

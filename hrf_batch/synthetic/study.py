@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from hrf_batch.synthetic import synth_volume
-from hrf_batch.synthetic_fundus import synth_localizer
-from hrf_batch.volume import BScanPosition, Spacing, Volume, VolumeMeta
+from hrf_batch.synthetic.generator_a import synth_volume
+from hrf_batch.synthetic.fundus import synth_localizer
+from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta
 
 FORMAT_CYCLE = ("heyex-vol", "dicom-oct", "heyex-xml", "heyex-e2e")
 MANIFEST_COLUMNS = ("patient_id", "visit_date", "eye", "format", "source", "mask_file", "bscan_index", "hrf_count", "hrf_area_px")
@@ -91,10 +91,10 @@ def synthetic_volume(rng: np.random.Generator, spec: StudySpec, patient: str, vi
 
 def write_format(fmt: str, volumes: list[Volume], visit_dir: Path, stem: str) -> list[Path]:
     """Write the volumes of one visit in one format; returns the source path of each volume."""
-    from hrf_batch.writers.dicom import write_dicom_oct
-    from hrf_batch.writers.e2e import write_e2e
-    from hrf_batch.writers.heyex_xml import write_heyex_xml
-    from hrf_batch.writers.vol import write_vol
+    from hrf_batch.io.writers.dicom import write_dicom_oct
+    from hrf_batch.io.writers.e2e import write_e2e
+    from hrf_batch.io.writers.heyex_xml import write_heyex_xml
+    from hrf_batch.io.writers.vol import write_vol
 
     visit_dir.mkdir(parents=True, exist_ok=True)
     if fmt == "heyex-e2e":

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hrf_batch.errors import NotOctError, ReadError
-from hrf_batch.volume import Volume
+from hrf_batch.io.volume import Volume
 
 SUPPORTED = "HEYEX .vol, HEYEX .e2e, HEYEX XML export, DICOM OCT (Ophthalmic Tomography), Topcon .fds"
 OCT_SUFFIXES = {".vol", ".e2e", ".sdb", ".xml", ".dcm", ".dicom", ".fds", ""}
@@ -24,10 +24,10 @@ def read_head(path: Path, size: int = _HEAD_BYTES) -> bytes:
 
 def sniff(head: bytes) -> str | None:
     """Format name for the first bytes of a file: a source format, 'dicom', or None."""
-    from hrf_batch.readers.heyex_e2e import is_e2e
-    from hrf_batch.readers.heyex_vol import is_vol
-    from hrf_batch.readers.heyex_xml import is_heyex_xml
-    from hrf_batch.readers.topcon_fds import is_fds
+    from hrf_batch.io.readers.heyex_e2e import is_e2e
+    from hrf_batch.io.readers.heyex_vol import is_vol
+    from hrf_batch.io.readers.heyex_xml import is_heyex_xml
+    from hrf_batch.io.readers.topcon_fds import is_fds
 
     if is_vol(head):
         return "heyex-vol"
@@ -46,23 +46,23 @@ def read_source(fmt: str, paths: Sequence[Path]) -> list[Volume]:
     """Read one discovered source (one file, or the single-frame DICOM files of one series)."""
     paths = [Path(p) for p in paths]
     if fmt == "heyex-vol":
-        from hrf_batch.readers.heyex_vol import read_vol
+        from hrf_batch.io.readers.heyex_vol import read_vol
 
         return read_vol(paths[0])
     if fmt == "heyex-e2e":
-        from hrf_batch.readers.heyex_e2e import read_e2e
+        from hrf_batch.io.readers.heyex_e2e import read_e2e
 
         return read_e2e(paths[0])
     if fmt == "heyex-xml":
-        from hrf_batch.readers.heyex_xml import read_heyex_xml
+        from hrf_batch.io.readers.heyex_xml import read_heyex_xml
 
         return read_heyex_xml(paths[0])
     if fmt == "topcon-fds":
-        from hrf_batch.readers.topcon_fds import read_fds
+        from hrf_batch.io.readers.topcon_fds import read_fds
 
         return read_fds(paths[0])
     if fmt in ("dicom", "dicom-oct"):
-        from hrf_batch.readers.dicom_oct import read_dicom_oct
+        from hrf_batch.io.readers.dicom_oct import read_dicom_oct
 
         return read_dicom_oct(paths)
     raise ReadError(paths[0], f"unknown source format {fmt!r}", f"supported formats: {SUPPORTED}")

@@ -1,6 +1,6 @@
 """Read DICOM Ophthalmic Tomography (OPT) instances into Volumes, and peek at DICOM headers cheaply.
 
-Conventions (shared with ``hrf_batch.writers.dicom``):
+Conventions (shared with ``hrf_batch.io.writers.dicom``):
 
 - Pixels end up on the 0..255 display scale: 8-bit data is kept as is. Stored values are first
   passed through RescaleSlope/RescaleIntercept when present; then, for BitsStored > 8, multiplied
@@ -40,7 +40,7 @@ from pydicom.uid import (
 from pydicom.valuerep import DA, DT
 
 from hrf_batch.errors import NotOctError, ReadError, one_line
-from hrf_batch.volume import BScanPosition, Spacing, Volume, VolumeMeta, sha256_of_files
+from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta, sha256_of_files
 
 log = logging.getLogger(__name__)
 

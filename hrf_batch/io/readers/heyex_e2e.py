@@ -25,7 +25,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from hrf_batch.errors import ReadError, one_line
-from hrf_batch.volume import (
+from hrf_batch.io.volume import (
     BScanPosition,
     Spacing,
     Volume,

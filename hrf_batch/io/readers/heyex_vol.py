@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from hrf_batch.errors import ReadError
-from hrf_batch.volume import (
+from hrf_batch.io.volume import (
     BScanPosition,
     Spacing,
     Volume,

@@ -2,7 +2,7 @@
 
 Why a writer at all: the DICOM reader needs realistic inputs in tests (multi-frame and
 single-frame series, a localizer with frame locations), and later tooling can export volumes
-that other viewers open. Conventions, mirrored by ``hrf_batch.readers.dicom_oct``:
+that other viewers open. Conventions, mirrored by ``hrf_batch.io.readers.dicom_oct``:
 
 - B-scan pixels are rounded to 8-bit MONOCHROME2, uncompressed Explicit VR Little Endian.
 - Pixel Measures: ``PixelSpacing = [axial_mm, lateral_mm]`` (row spacing, column spacing) and
@@ -35,7 +35,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat
 
-from hrf_batch.volume import BScanPosition, Volume
+from hrf_batch.io.volume import BScanPosition, Volume
 
 log = logging.getLogger(__name__)
 

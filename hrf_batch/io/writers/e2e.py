@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from hrf_batch.errors import HrfBatchError, VolumeError
-from hrf_batch.readers.heyex_e2e import (
+from hrf_batch.io.readers.heyex_e2e import (
     BIRTHDATE_JD_OFFSET,
     BSCAN_IMAGE,
     DEFAULT_DEVICE,
@@ -45,7 +45,7 @@ from hrf_batch.readers.heyex_e2e import (
     T_PREAMBLE,
     T_SCAN_PATTERN,
 )
-from hrf_batch.volume import BScanPosition, Volume, linear_from_display
+from hrf_batch.io.volume import BScanPosition, Volume, linear_from_display
 
 ENTRIES_PER_CHUNK = 512  # what HEYEX itself puts in one directory chunk
 _VERSION = 100

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hrf_batch.volume import Volume
+from hrf_batch.io.volume import Volume
 
 _PATTERN_NAMES = {"volume": "Volume", "line": "Line", "circle": "Circle", "radial": "Radial", "unknown": "Volume"}
 

@@ -1,6 +1,6 @@
 """Write a Volume as a HEYEX `.vol` raw export (HSF-OCT-103 layout), for synthetic studies and tests.
 
-The inverse of :mod:`hrf_batch.readers.heyex_vol`: display-scale pixels are mapped back to linear
+The inverse of :mod:`hrf_batch.io.readers.heyex_vol`: display-scale pixels are mapped back to linear
 reflectivity, so reading the file returns the same pixels within float rounding.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from hrf_batch.errors import VolumeError
-from hrf_batch.readers.heyex_vol import (
+from hrf_batch.io.readers.heyex_vol import (
     BSCAN_STRUCT,
     FILETIME_EPOCH,
     HEADER_STRUCT,
@@ -20,7 +20,7 @@ from hrf_batch.readers.heyex_vol import (
     BSCAN_HEADER_FIXED,
     FILE_HEADER_SIZE,
 )
-from hrf_batch.volume import Volume, linear_from_display
+from hrf_batch.io.volume import Volume, linear_from_display
 
 _PATTERN_CODES = {"line": 1, "circle": 2, "volume": 3, "radial": 5, "unknown": 0}
 

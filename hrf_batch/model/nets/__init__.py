@@ -2,7 +2,7 @@
 
 Every architecture takes ``(B, 1, H, W)`` normalised B-scans and returns logits
 ``(B, task.n_outputs)``; its ``arch`` name and ``arch_kwargs`` rebuild it (see
-:mod:`hrf_batch.checkpoint`). :data:`PRESETS` maps a preset name to ``(arch, kwargs)``.
+:mod:`hrf_batch.model.files`). :data:`PRESETS` maps a preset name to ``(arch, kwargs)``.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from typing import Any, Callable
 
 from torch import nn
 
-from hrf_batch.nets.cct import (
+from hrf_batch.model.nets.cct import (
     CCT, CCT_PRESETS, POOLINGS, POS_EMBEDS, LrpAware, build_cct, conservative, count_parameters,
     set_lrp_mode,
 )
-from hrf_batch.nets.heads import TASKS, Task, get_task
-from hrf_batch.nets.mil import (
+from hrf_batch.model.nets.heads import TASKS, Task, get_task
+from hrf_batch.model.nets.mil import (
     ALEXNET_WEIGHTS_FILE, MIL_PRESETS, MilNet, PretrainedWeightsError, patch_boxes, patch_grid, retina_band,
 )
 

@@ -3,7 +3,7 @@
 A convolutional tokenizer turns a full-resolution B-scan ``(B, 1, H, W)`` into a grid of tokens
 (each conv layer: conv without bias, optional BatchNorm, ReLU, max-pool 3/2/1), a 2-D positional
 embedding is added, pre-LayerNorm transformer blocks mix the tokens, a pooling over tokens makes
-one feature vector and a Linear head returns the task's logits (see :mod:`hrf_batch.nets.heads`).
+one feature vector and a Linear head returns the task's logits (see :mod:`hrf_batch.model.nets.heads`).
 No class token and no fixed input size: the same model serves 496×512, 496×768 and 496×1024
 B-scans. The input must already be normalised with the training mean/std.
 
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hrf_batch.nets.heads import get_task
+from hrf_batch.model.nets.heads import get_task
 
 POOLINGS = ("max", "seq", "smooth-max")
 POS_EMBEDS = ("sincos-2d", "sincos-2d-rel", "learned-2d", "none")

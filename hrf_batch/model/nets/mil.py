@@ -30,8 +30,8 @@ from torch import Tensor, nn
 from torchvision.models import alexnet
 
 from hrf_batch.errors import HrfBatchError
-from hrf_batch.nets.cct import LrpAware, check_input
-from hrf_batch.nets.heads import get_task
+from hrf_batch.model.nets.cct import LrpAware, check_input
+from hrf_batch.model.nets.heads import get_task
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Training a classifier from image-level labels: augmentation and the training loop."""
