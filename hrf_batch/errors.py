@@ -35,3 +35,7 @@ class NotOctError(ReadError):
 
 class VolumeError(HrfBatchError):
     """A Volume was built with inconsistent data (a programming or file-content error)."""
+
+
+class LabelError(HrfBatchError):
+    """Labels are missing, malformed, or do not match the B-scans they name."""

@@ -22,7 +22,8 @@ from hrf_batch.errors import HrfBatchError
 from hrf_batch.report import EXPORT_FILES, NOTICE, UnknownPatientError, export_cohort, render_patient_report
 from hrf_batch.report.figures import dot_sizes, mm_to_px
 from hrf_batch.results import BScanResult, Lesion, RunInfo, VolumeResult
-from hrf_batch.synthetic.study import StudySpec, load_ground_truth, write_synthetic_study
+from hrf_batch.io.ground_truth import load_ground_truth
+from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 from hrf_batch.store import Store, open_store
 from hrf_batch.io.study import iter_study
 from hrf_batch.io.volume import Volume

@@ -16,9 +16,10 @@ from hrf_batch.evaluation.calibrate import calibrate, format_calibration, hrf_ce
 from conftest import save_tiny_model
 from hrf_batch.model.classify import Classifier, load_classifier
 from hrf_batch.model.explain import Explanation
-from hrf_batch.io.labels import LabelError
+from hrf_batch.errors import LabelError
 from hrf_batch.pipeline import PipelineParams
-from hrf_batch.synthetic.study import StudySpec, load_ground_truth, write_synthetic_study
+from hrf_batch.io.ground_truth import load_ground_truth
+from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 from hrf_batch.evaluation.segmentation import (
     aggregate,
     bscan_scores,

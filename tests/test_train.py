@@ -18,7 +18,8 @@ from hrf_batch.cli import main
 from hrf_batch.config import load_settings
 from hrf_batch.errors import HrfBatchError
 from hrf_batch.evaluation.classification import evaluate_classifier
-from hrf_batch.io.labels import LabelError, load_csv_labels, load_study_labels
+from hrf_batch.errors import LabelError
+from hrf_batch.io.labels import load_csv_labels, load_study_labels
 from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 from hrf_batch.training.train import BalancedBatches, TrainConfig, split_by_patient, train_model
 

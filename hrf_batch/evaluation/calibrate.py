@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from hrf_batch.io.labels import LabelError
+from hrf_batch.errors import LabelError
+from hrf_batch.io.ground_truth import load_ground_truth
 from hrf_batch.segment.prompts import DEFAULT_BOX_PX, DEFAULT_CROP_PX, make_prompt
 from hrf_batch.segment import Segmenter
 from hrf_batch.evaluation.segmentation import labelled_volumes
@@ -63,12 +64,7 @@ def hrf_dice(pred: np.ndarray, labels: np.ndarray, label: int) -> float:
 
 def _sample_hrfs(study_dir: Path, limit_hrfs: int | None, seed: int) -> list[_Hrf]:
     """Every ground-truth HRF of the study (or a seeded sample), in a stable order."""
-    from hrf_batch.synthetic.study import load_ground_truth
-
-    if not (Path(study_dir) / "ground_truth" / "manifest.csv").is_file():
-        raise LabelError(f"{study_dir} has no ground_truth/manifest.csv",
-                         "calibration prompts at true HRF centres: use a study written by `hrf-batch synth`")
-    truth = load_ground_truth(Path(study_dir))
+    truth = load_ground_truth(Path(study_dir), "calibration (it prompts at true HRF centres)")
     hrfs = [_Hrf(key, b, int(lab)) for key in sorted(truth) for b in range(len(truth[key]))
             for lab in np.unique(truth[key][b]) if lab > 0]
     if limit_hrfs is not None and len(hrfs) > limit_hrfs:

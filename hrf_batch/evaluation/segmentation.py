@@ -40,7 +40,8 @@ from tqdm import tqdm
 from hrf_batch.model.classify import Classifier
 from hrf_batch.io.discover import FileIssue
 from hrf_batch.model.explain import relevance_maps
-from hrf_batch.io.labels import LabelError
+from hrf_batch.errors import LabelError
+from hrf_batch.io.ground_truth import load_ground_truth
 from hrf_batch.pipeline import PipelineParams, run_volume
 from hrf_batch.results import VolumeResult
 from hrf_batch.segment import Segmenter
@@ -180,13 +181,8 @@ def labelled_volumes(study_dir: Path, limit_volumes: int | None = None, *, progr
 
     Unreadable files are logged and appended to ``issues`` (when given) so callers can report them.
     """
-    from hrf_batch.synthetic.study import load_ground_truth
-
     study_dir = Path(study_dir)
-    if not (study_dir / "ground_truth" / "manifest.csv").is_file():
-        raise LabelError(f"{study_dir} has no ground_truth/manifest.csv",
-                         "segmentation needs pixel ground truth: use a study written by `hrf-batch synth`")
-    truth = load_ground_truth(study_dir)
+    truth = load_ground_truth(study_dir, "scoring masks against pixel ground truth")
     done = 0
     for item in tqdm(iter_study(study_dir), desc="volumes", unit="vol", disable=not progress):
         if isinstance(item, FileIssue):

@@ -18,14 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from hrf_batch.io.discover import FileIssue
-from hrf_batch.errors import HrfBatchError
+from hrf_batch.errors import LabelError
+from hrf_batch.io.ground_truth import count_labels, load_ground_truth
 from hrf_batch.io.readers import read_volumes
 from hrf_batch.io.study import iter_study
 from hrf_batch.io.volume import Volume, VolumeMeta
-
-
-class LabelError(HrfBatchError):
-    """Labels are missing, malformed, or do not match the B-scans they name."""
 
 
 @dataclass
@@ -71,22 +68,10 @@ def _collect(volumes: list[tuple[Volume, np.ndarray, np.ndarray | None]]) -> Lab
     return LabelledBScans(images, np.asarray(counts), np.asarray(patients), masks if have_masks else None, keys)
 
 
-def count_labels(labels: np.ndarray) -> np.ndarray:
-    """Number of distinct HRF ids per B-scan of an (n, H, W) label volume."""
-    return np.array([len(np.unique(lab[lab > 0])) for lab in labels], dtype=int)
-
-
 def load_study_labels(study_dir: Path) -> LabelledBScans:
     """B-scans of a study with ground truth written by ``hrf-batch synth`` (masks included)."""
-    from hrf_batch.synthetic.study import load_ground_truth
-
     study_dir = Path(study_dir)
-    if not (study_dir / "ground_truth" / "manifest.csv").is_file():
-        raise LabelError(
-            f"{study_dir} has no ground_truth/manifest.csv",
-            "pass --labels CSV with columns file, bscan_index, count (or label), or use a study made by `hrf-batch synth`",
-        )
-    truth = load_ground_truth(study_dir)
+    truth = load_ground_truth(study_dir, "image-level labels without --labels CSV (columns file, bscan_index, count)")
     found = []
     for item in iter_study(study_dir):
         if isinstance(item, FileIssue):

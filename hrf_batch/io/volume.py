@@ -10,11 +10,10 @@ first B-scan of the file, and ``positions[i]`` says where B-scan ``i`` lies on t
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -104,20 +103,6 @@ class Volume:
     @property
     def bscan_shape(self) -> tuple[int, int]:
         return int(self.bscans.shape[1]), int(self.bscans.shape[2])
-
-
-def sha256_of_files(paths: Iterable[Path]) -> str:
-    """sha256 of one file, or of the concatenated per-file digests for a multi-file source."""
-    digests = []
-    for path in paths:
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        digests.append(h.hexdigest())
-    if len(digests) == 1:
-        return digests[0]
-    return hashlib.sha256("".join(sorted(digests)).encode()).hexdigest()
 
 
 def display_from_linear(raw: np.ndarray, *, empty_from: float = 3.0e38) -> np.ndarray:

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hrf_batch.model.files import CONFIG_FILE, WEIGHTS_FILE, model_id_for, sha256_file
+from hrf_batch.io.hashing import sha256_file
+from hrf_batch.model.files import CONFIG_FILE, WEIGHTS_FILE, model_id_for
 
 CARD_FILE = "MODEL_CARD.md"
 

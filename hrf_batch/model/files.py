@@ -12,7 +12,6 @@ that does not fit the weights, and unknown architectures.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from torch import nn
 
 from hrf_batch import __version__
 from hrf_batch.errors import HrfBatchError
+from hrf_batch.io.hashing import sha256_file
 from hrf_batch.model.nets import ARCHITECTURES, TASKS
 
 FORMAT = "hrf-batch-model"
@@ -132,14 +132,6 @@ def build_model(config: ModelConfig, **init_options: Any) -> nn.Module:
     except (TypeError, ValueError) as exc:
         raise ModelFileError(f"the {config.arch!r} kwargs in the model config are not valid: {exc}",
                              _REFETCH) from exc
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- save

@@ -32,7 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hrf_batch.model.files import resolve_device, sha256_file
+from hrf_batch.errors import one_line
+from hrf_batch.io.hashing import sha256_file
+from hrf_batch.model.files import resolve_device
 from hrf_batch.segment.prompts import Prompt, box_in_crop, crop, paste
 from hrf_batch.segment.weights import SegmenterSetupError, how_to_install, require_checkpoint, sam2_spec
 
@@ -51,7 +53,7 @@ def load_sam2(path: str | os.PathLike[str], size: str, device: str | torch.devic
     try:
         payload = torch.load(Path(path), map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise SegmenterSetupError(f"{path} cannot be read as a SAM 2 checkpoint ({_first_line(exc)})",
+        raise SegmenterSetupError(f"{path} cannot be read as a SAM 2 checkpoint ({one_line(exc)})",
                                   how_to_install(size)) from exc
     state = payload.get("model") if isinstance(payload, dict) else None
     if not isinstance(state, dict):
@@ -62,14 +64,9 @@ def load_sam2(path: str | os.PathLike[str], size: str, device: str | torch.devic
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise SegmenterSetupError(
-            f"{path} does not fit {spec.name} ({_first_line(exc)})",
+            f"{path} does not fit {spec.name} ({one_line(exc)})",
             f"use {spec.filename} for size {spec.size!r}, or set the model size that matches the file") from exc
     return model.to(torch.device(device)).eval()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def upsample_crop(patch: np.ndarray, size: int) -> np.ndarray:

@@ -9,25 +9,23 @@ Layout::
     OUT/ground_truth/P001_2023-01-10_OD.npz             HRF label masks (n, H, W), one id per HRF
     OUT/ground_truth/manifest.csv                       one row per B-scan: HRF count and area
 
-Ground truth is keyed by (patient id, visit date, eye), which every reader returns, so it can be
-matched to what the readers make of the files whatever the format.
+The ground-truth layout is defined (and read back) by :mod:`hrf_batch.io.ground_truth`.
 """
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
 
-from hrf_batch.synthetic.generator_a import synth_volume
-from hrf_batch.synthetic.fundus import synth_localizer
+from hrf_batch.io.ground_truth import TRUTH_DIR, GroundTruthVolume, count_labels, write_manifest
 from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta
+from hrf_batch.synthetic.fundus import synth_localizer
+from hrf_batch.synthetic.generator_a import synth_volume
 
 FORMAT_CYCLE = ("heyex-vol", "dicom-oct", "heyex-xml", "heyex-e2e")
-MANIFEST_COLUMNS = ("patient_id", "visit_date", "eye", "format", "source", "mask_file", "bscan_index", "hrf_count", "hrf_area_px")
 _AXIAL_MM = 0.00387
 _SCAN_WIDTH_MM = 6.0
 _SCAN_HEIGHT_MM = 5.8
@@ -43,19 +41,6 @@ class StudySpec:
     width: int = 512
     height: int = 496
     seed: int = 0
-
-
-@dataclass(frozen=True)
-class GroundTruthVolume:
-    """Where one synthetic volume and its HRF labels were written."""
-
-    patient_id: str
-    visit_date: date
-    eye: str
-    format: str
-    source: Path
-    mask_file: Path
-    hrf_counts: tuple[int, ...]
 
 
 def _positions(n: int, width: int, lateral: float, field_mm: float) -> tuple[BScanPosition, ...]:
@@ -115,7 +100,7 @@ def write_format(fmt: str, volumes: list[Volume], visit_dir: Path, stem: str) ->
 def write_synthetic_study(out_dir: Path, spec: StudySpec) -> list[GroundTruthVolume]:
     """Write the study and its ground truth; returns one record per volume (also in manifest.csv)."""
     out_dir = Path(out_dir)
-    truth_dir = out_dir / "ground_truth"
+    truth_dir = out_dir / TRUTH_DIR
     truth_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)
     records: list[GroundTruthVolume] = []
@@ -137,33 +122,7 @@ def write_synthetic_study(out_dir: Path, spec: StudySpec) -> list[GroundTruthVol
             for (vol, labels), source in zip(pairs, sources, strict=True):
                 mask_file = truth_dir / f"{stem}_{vol.meta.eye}.npz"
                 np.savez_compressed(mask_file, labels=labels.astype(np.int16))
-                counts = tuple(int(len(np.unique(lab)) - 1) for lab in labels)
+                counts = tuple(int(c) for c in count_labels(labels))
                 records.append(GroundTruthVolume(patient, visit, vol.meta.eye, fmt, source, mask_file, counts))
-    _write_manifest(out_dir, truth_dir / "manifest.csv", records)
+    write_manifest(out_dir, records)
     return records
-
-
-def _write_manifest(out_dir: Path, path: Path, records: list[GroundTruthVolume]) -> None:
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(MANIFEST_COLUMNS)
-        for rec in records:
-            labels = np.load(rec.mask_file)["labels"]
-            for i, count in enumerate(rec.hrf_counts):
-                writer.writerow([
-                    rec.patient_id, rec.visit_date.isoformat(), rec.eye, rec.format,
-                    rec.source.relative_to(out_dir).as_posix(), rec.mask_file.relative_to(out_dir).as_posix(),
-                    i, count, int((labels[i] > 0).sum()),
-                ])
-
-
-def load_ground_truth(study_dir: Path) -> dict[tuple[str, date, str], np.ndarray]:
-    """HRF label masks of a synthetic study keyed by (patient id, visit date, eye)."""
-    truth_dir = Path(study_dir) / "ground_truth"
-    out: dict[tuple[str, date, str], np.ndarray] = {}
-    with open(truth_dir / "manifest.csv", newline="") as fh:
-        for row in csv.DictReader(fh):
-            key = (row["patient_id"], date.fromisoformat(row["visit_date"]), row["eye"])
-            if key not in out:
-                out[key] = np.load(Path(study_dir) / row["mask_file"])["labels"]
-    return out

@@ -40,7 +40,8 @@ from pydicom.uid import (
 from pydicom.valuerep import DA, DT
 
 from hrf_batch.errors import NotOctError, ReadError, one_line
-from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta, sha256_of_files
+from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta
+from hrf_batch.io.hashing import sha256_of_files
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from hrf_batch.io.volume import (
     Volume,
     VolumeMeta,
     display_from_linear,
-    sha256_of_files,
 )
+from hrf_batch.io.hashing import sha256_of_files
 
 MM_PER_DEGREE = 0.2896  # HEYEX "medium" eye length: 289.6 µm of retina per degree of scan angle
 LOCALIZER_FIELD_DEG = 30.0  # the localizer field HEYEX assumes when it places B-scans on it

@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from hrf_batch.errors import ReadError
-from hrf_batch.io.volume import Spacing, Volume, VolumeMeta, sha256_of_files
+from hrf_batch.io.volume import Spacing, Volume, VolumeMeta
+from hrf_batch.io.hashing import sha256_of_files
 
 log = logging.getLogger(__name__)
 
