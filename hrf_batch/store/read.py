@@ -120,7 +120,8 @@ def volume_results(session: Session, patient_id: str, masks: bool = True) -> lis
     for burden in summary:
         volume = session.get(VolumeRow, burden.volume_id)
         run = session.get(RunRow, burden.run_id)
-        out.append(_stored_volume(volume, run, burden, bscans_for_run(session, burden.run_id, masks)))
+        out.append(_stored_volume(volume, run, burden.patient_id, burden.visit_date,
+                                  bscans_for_run(session, burden.run_id, masks)))
     return out
 
 
@@ -143,17 +144,14 @@ def unfinished_volumes(session: Session, patient_id: str) -> list[StoredVolume]:
         ).first()
         if run is None:
             continue
-        where = VolumeBurden(  # only patient id and visit date are used; there are no counts to give
-            volume.id, run.id, run.model_id, run.finished_at, patient_id, visit_date, volume.eye,
-            volume.series_uid, volume.n_bscans, 0, 0, 0, 0.0,
-        )
-        out.append(_stored_volume(volume, run, where, ()))
+        out.append(_stored_volume(volume, run, patient_id, visit_date, ()))
     return sorted(out, key=_sort_key)
 
 
-def _stored_volume(volume: VolumeRow, run: RunRow, burden: VolumeBurden, bscans: tuple[StoredBScan, ...]) -> StoredVolume:
+def _stored_volume(volume: VolumeRow, run: RunRow, patient_id: str, visit_date: date | None,
+                   bscans: tuple[StoredBScan, ...]) -> StoredVolume:
     return StoredVolume(
-        volume_id=volume.id, patient_id=burden.patient_id, visit_date=burden.visit_date, eye=volume.eye,
+        volume_id=volume.id, patient_id=patient_id, visit_date=visit_date, eye=volume.eye,
         source_path=volume.source_path, source_sha256=volume.source_sha256, source_format=volume.source_format,
         series_uid=volume.series_uid, device=volume.device, scan_pattern=volume.scan_pattern,
         n_bscans=volume.n_bscans, bscan_shape=(volume.bscan_height, volume.bscan_width),
