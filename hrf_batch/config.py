@@ -14,13 +14,12 @@ from hrf_batch.errors import HrfBatchError
 
 MODELS_DIR = Path(__file__).resolve().parent / "model" / "shipped"  # package data: also in a wheel
 DEFAULT_MODEL = "cct-lite-synth"
-DEFAULT_DB = "hrf_batch.sqlite"
 CONFIG_FILE = "hrf-batch.toml"
 
 
 @dataclass(frozen=True)
 class Settings:
-    db: str = f"sqlite:///{DEFAULT_DB}"
+    db: str | None = None  # a URL or a SQLite file path; None: the store's default, ./hrf_batch.sqlite
     model: str = str(MODELS_DIR / DEFAULT_MODEL)
     device: str = "auto"
     segmenter: str = "auto"  # auto | sam2 | region
@@ -75,11 +74,6 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
-def db_url(value: str) -> str:
-    """A database URL from a URL or a plain file path (taken as a SQLite file)."""
-    return value if "://" in value else f"sqlite:///{value}"
-
-
 def load_settings(flags: Mapping[str, Any] | None = None, config_file: Path | None = None,
                   env: Mapping[str, str] | None = None) -> Settings:
     """Merge the sources; ``flags`` with value None do not override anything."""
@@ -90,5 +84,4 @@ def load_settings(flags: Mapping[str, Any] | None = None, config_file: Path | No
         merged.update(_from_file(Path(path)))
     merged.update(_from_env(env))
     merged.update({k: v for k, v in (flags or {}).items() if v is not None and k in _FIELDS})
-    settings = Settings(**merged)
-    return dataclasses.replace(settings, db=db_url(settings.db))
+    return Settings(**merged)

@@ -140,7 +140,7 @@ def test_settings_precedence(tmp_path: Path) -> None:
     cfg = tmp_path / "hrf-batch.toml"
     cfg.write_text('device = "cuda"\nbatch_size = 4\ndb = "from_file.sqlite"\n')
     s = load_settings({"device": None}, cfg, env={"HRF_BATCH_BATCH_SIZE": "2"})
-    assert (s.device, s.batch_size, s.db) == ("cuda", 2, "sqlite:///from_file.sqlite")
+    assert (s.device, s.batch_size, s.db) == ("cuda", 2, "from_file.sqlite")  # the store resolves paths
     s = load_settings({"device": "cpu"}, cfg, env={"HRF_BATCH_BATCH_SIZE": "2"})
     assert s.device == "cpu"
     with pytest.raises(HrfBatchError, match="not a number"):

@@ -10,7 +10,7 @@ Never imports torch. Typical use::
 
 from hrf_batch.store.api import Store, open_store
 from hrf_batch.store.codec import params_hash
-from hrf_batch.store.engine import DEFAULT_SQLITE_FILE, head_revision, resolve_url, upgrade
+from hrf_batch.store.engine import DEFAULT_SQLITE_FILE, display_url, head_revision, resolve_url, upgrade
 from hrf_batch.store.write import utc_now
 from hrf_batch.store.errors import SchemaOutdatedError, StoreError
 from hrf_batch.store.records import (
@@ -41,6 +41,7 @@ __all__ = [
     "StoredVolume",
     "VisitBurden",
     "VolumeBurden",
+    "display_url",
     "utc_now",
     "head_revision",
     "open_store",
