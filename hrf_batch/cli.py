@@ -165,19 +165,21 @@ def _labelled(study_dir: Path, labels: Path | None) -> LabelledBScans:
 @click.option("--eval-every", default=100, show_default=True, type=click.IntRange(1), help="Validate every N steps.")
 @click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.05, 0.5), help="Share of patients held out.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the split, init and batches.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda or auto.")
+@click.option("--device", help="cpu, cuda or auto (default: HRF_BATCH_DEVICE, else auto).")
 @click.option("--alexnet-weights", type=click.Path(path_type=Path, dir_okay=False), help="Local ImageNet AlexNet weights for MIL presets.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt.")
+@click.pass_context
 @_friendly
-def train(study_dir: Path, out_dir: Path, labels: Path | None, preset: str, task: str, steps: int, batch_size: int,
-          max_lr: float, eval_every: int, val_fraction: float, seed: int, device: str, alexnet_weights: Path | None,
-          resume: bool) -> None:
+def train(ctx: click.Context, study_dir: Path, out_dir: Path, labels: Path | None, preset: str, task: str, steps: int,
+          batch_size: int, max_lr: float, eval_every: int, val_fraction: float, seed: int, device: str | None,
+          alexnet_weights: Path | None, resume: bool) -> None:
     """Train a B-scan classifier from image-level labels; the best model by validation AUROC is kept."""
     from hrf_batch.training.train import TrainConfig, train_model
 
+    settings = _settings(ctx, device=device)
     data = _labelled(study_dir, labels)
     cfg = TrainConfig(preset=preset, task=task, steps=steps, batch_size=batch_size, max_lr=max_lr, eval_every=eval_every,
-                      val_fraction=val_fraction, seed=seed, device=device,
+                      val_fraction=val_fraction, seed=seed, device=settings.device,
                       alexnet_weights=str(alexnet_weights) if alexnet_weights else None,
                       takeoff_steps=min(300, steps // 2))
     info = train_model(data, cfg, out_dir, source=str(study_dir), resume=resume)
@@ -234,14 +236,14 @@ def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Pat
 
 def _segmentation_report(settings: Settings, clf: Any, study_dir: Path, val_study: Path | None,
                          limit_volumes: int | None) -> dict[str, Any]:
-    from hrf_batch.ingest import pipeline_params
     from hrf_batch.evaluation.segmentation import evaluate_segmentation, pointing_game
+    from hrf_batch.pipeline import PipelineParams
     from hrf_batch.segment import make_segmenter
 
     seg = make_segmenter(settings.segmenter, sam2_checkpoint=settings.sam2_checkpoint, sam2_size=settings.sam2_size,
                          device=settings.device)
     return {
-        "segmentation": evaluate_segmentation(study_dir, clf, seg, pipeline_params(settings), val_study=val_study,
+        "segmentation": evaluate_segmentation(study_dir, clf, seg, PipelineParams.from_settings(settings), val_study=val_study,
                                               limit_volumes=limit_volumes, progress=True),
         "pointing_game": pointing_game(study_dir, clf, limit_volumes=limit_volumes),
     }
@@ -326,11 +328,11 @@ def db() -> None:
 @_friendly
 def db_upgrade(ctx: click.Context, db_opt: str | None) -> None:
     """Migrate an existing study database to the schema this version needs (keeps all data)."""
-    from hrf_batch.store import upgrade
+    from hrf_batch.store import display_url, resolve_url, upgrade
 
     settings = _settings(ctx, db=db_opt)
     revision = upgrade(settings.db)
-    click.echo(f"database {settings.db} is at schema revision {revision}")
+    click.echo(f"database {display_url(resolve_url(settings.db))} is at schema revision {revision}")
 
 
 @main.command()

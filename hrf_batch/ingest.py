@@ -17,17 +17,15 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from hrf_batch import __version__
-from hrf_batch.model.classify import Classifier, load_classifier
 from hrf_batch.config import Settings
-from hrf_batch.io.discover import discover
-from hrf_batch.errors import HrfBatchError, NotOctError
-from hrf_batch.pipeline import PipelineParams, run_volume
-from hrf_batch.io.readers import read_source
+from hrf_batch.errors import HrfBatchError
+from hrf_batch.io.discover import FileIssue, discover, read_sources
+from hrf_batch.io.volume import Volume
+from hrf_batch.model.classify import Classifier, load_classifier
+from hrf_batch.pipeline import PipelineParams, run_info, run_volume
 from hrf_batch.results import RunInfo
 from hrf_batch.segment import Segmenter, make_segmenter
 from hrf_batch.store import Store, open_store, utc_now
-from hrf_batch.io.volume import Volume
 
 log = logging.getLogger(__name__)
 
@@ -56,18 +54,6 @@ class IngestSummary:
         return "\n".join(lines)
 
 
-def pipeline_params(settings: Settings) -> PipelineParams:
-    """The pipeline parameters a run uses, from the settings."""
-    return PipelineParams(threshold=settings.threshold, stop_score=settings.stop_score,
-                          max_iterations=settings.max_iterations, box_px=settings.box_px,
-                          crop_px=settings.crop_px, min_lesion_px=settings.min_lesion_px)
-
-
-def _run_key(clf: Classifier, segmenter: Segmenter, params: PipelineParams) -> RunInfo:
-    return RunInfo(model_id=clf.model_id, segmenter=segmenter.name, segmenter_checkpoint_sha256=segmenter.checkpoint_sha256,
-                   parameters=params.resolved(clf), code_version=__version__, device=str(clf.device))
-
-
 def _process(volume: Volume, ctx: "_Context", summary: IngestSummary, progress: bool) -> None:
     if ctx.store.find_done_run_for(volume.meta, ctx.key) is not None:
         summary.already_done += 1
@@ -77,7 +63,7 @@ def _process(volume: Volume, ctx: "_Context", summary: IngestSummary, progress: 
     bar = tqdm(total=ctx.params.max_iterations + 1, desc=f"{name} {volume.meta.eye}", unit="step", leave=False,
                disable=not progress)
     try:
-        result = run_volume(volume, ctx.clf, ctx.segmenter, ctx.params, on_step=lambda: bar.update(1))
+        result = run_volume(volume, ctx.clf, ctx.segmenter, ctx.params, on_step=lambda: bar.update(1), run=ctx.key)
     except (HrfBatchError, RuntimeError, ValueError, MemoryError) as exc:
         reason = f"pipeline failed: {type(exc).__name__}: {exc}"
         log.error("%s: %s", volume.meta.source_path, reason)
@@ -111,32 +97,28 @@ def ingest_study(study_dir: Path, settings: Settings, *, progress: bool = True,
     clf = load_classifier(settings.model, settings.device, settings.batch_size)
     segmenter = make_segmenter(settings.segmenter, sam2_checkpoint=settings.sam2_checkpoint,
                                sam2_size=settings.sam2_size, device=settings.device)
-    params = pipeline_params(settings)
+    params = PipelineParams.from_settings(settings)
     summary = IngestSummary(batch_id=uuid.uuid4().hex[:12])
     with open_store(settings.db) as store:
-        ctx = _Context(store, clf, segmenter, params, _run_key(clf, segmenter, params))
+        ctx = _Context(store, clf, segmenter, params, run_info(clf, segmenter, params))
         for issue in disc.issues:
-            store.record_ingest_error(issue.path, issue.reason, issue.kind, summary.batch_id)
-            _count_issue(summary, issue.kind, str(issue.path), issue.reason)
-        for source in tqdm(disc.sources, desc="study", unit="source", disable=not progress):
-            try:
-                volumes = read_source(source.format, source.paths)
-            except HrfBatchError as exc:
-                kind = "skipped" if isinstance(exc, NotOctError) else "error"
-                store.record_ingest_error(source.path, str(exc), kind, summary.batch_id)
-                _count_issue(summary, kind, str(source.path), str(exc))
+            _record_issue(store, issue, summary)
+        sources = tqdm(disc.sources, desc="study", unit="source", disable=not progress)
+        for item in read_sources(sources):  # the same reading path as `scan`: a bad file is an issue, not an abort
+            if isinstance(item, FileIssue):
+                _record_issue(store, item, summary)
                 continue
-            for volume in volumes:
-                _process(volume, ctx, summary, progress)
-                if on_volume is not None:
-                    on_volume(volume.meta.source_path)
+            _process(item, ctx, summary, progress)
+            if on_volume is not None:
+                on_volume(item.meta.source_path)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _count_issue(summary: IngestSummary, kind: str, path: str, reason: str) -> None:
-    if kind == "skipped":
+def _record_issue(store: Store, issue: FileIssue, summary: IngestSummary) -> None:
+    store.record_ingest_error(issue.path, issue.reason, issue.kind, summary.batch_id)
+    if issue.kind == "skipped":
         summary.not_oct += 1
     else:
         summary.failed += 1
-        summary.failures.append((path, reason))
+        summary.failures.append((str(issue.path), issue.reason))

@@ -10,23 +10,25 @@ The HRF count is the number of connected components of at least ``min_lesion_px`
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 from scipy import ndimage
 
 from hrf_batch import __version__
+from hrf_batch.io.volume import Volume
 from hrf_batch.model.classify import Classifier, score_bscans
-from hrf_batch.evaluation.classification import model_threshold
 from hrf_batch.model.explain import Explainer
-from hrf_batch.segment.prompts import make_prompt, peak
 from hrf_batch.results import BScanResult, Lesion, RunInfo, Segment, VolumeResult
 from hrf_batch.segment import Segmenter
-from hrf_batch.io.volume import Volume
+from hrf_batch.segment.lesions import lesion_labels
+from hrf_batch.segment.prompts import make_prompt, peak
 
-_EIGHT = np.ones((3, 3), dtype=bool)
+if TYPE_CHECKING:
+    from hrf_batch.config import Settings
 
 
 @dataclass(frozen=True)
@@ -38,11 +40,28 @@ class PipelineParams:
     crop_px: int = 75
     min_lesion_px: int = 5
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PipelineParams:
+        """The pipeline parameters a run uses, from the merged settings."""
+        return cls(threshold=settings.threshold, stop_score=settings.stop_score,
+                   max_iterations=settings.max_iterations, box_px=settings.box_px,
+                   crop_px=settings.crop_px, min_lesion_px=settings.min_lesion_px)
+
     def resolved(self, clf: Classifier) -> dict[str, Any]:
-        """Parameters as stored with the results, the threshold made explicit."""
+        """Pipeline parameters as stored with the results, the threshold made explicit."""
         out = asdict(self)
-        out["threshold"] = float(self.threshold if self.threshold is not None else model_threshold(clf))
+        out["threshold"] = float(self.threshold if self.threshold is not None else clf.threshold)
         return out
+
+
+def run_info(clf: Classifier, segmenter: Segmenter, params: PipelineParams) -> RunInfo:
+    """Provenance of runs with these inputs, and so the rerun key: the model id, the segmenter with
+    its checkpoint hash *and its own parameters*, the pipeline parameters and the code version.
+    Retuning anything that changes the masks makes a new run; the same inputs find the old one."""
+    parameters = {**params.resolved(clf), "segmenter_params": dict(segmenter.params)}
+    return RunInfo(model_id=clf.model_id, segmenter=segmenter.name,
+                   segmenter_checkpoint_sha256=segmenter.checkpoint_sha256, parameters=parameters,
+                   code_version=__version__, device=str(clf.device))
 
 
 @dataclass
@@ -60,16 +79,14 @@ class _State:
 
 
 def lesions_of(mask: np.ndarray, index: int, min_px: int) -> tuple[Lesion, ...]:
-    """Connected components (8-connected) of at least ``min_px`` pixels, as Lesions."""
-    labels, n = ndimage.label(mask, structure=_EIGHT)
+    """The lesions of a mask (:func:`~hrf_batch.segment.lesions.lesion_labels`), as Lesions."""
+    labels, kept = lesion_labels(mask, min_px)
+    slices = ndimage.find_objects(labels)
     out = []
-    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None:
-            continue
+    for k in kept.tolist():
+        sl = slices[k - 1]
         crop = labels[sl] == k
         area = int(crop.sum())
-        if area < min_px:
-            continue
         rows, cols = np.nonzero(crop)
         out.append(Lesion(
             bscan_index=index, centroid_rc=(float(rows.mean() + sl[0].start), float(cols.mean() + sl[1].start)),
@@ -136,19 +153,22 @@ def _segment_once(states: dict[int, _State], active: list[int], relevance: np.nd
 
 
 def run_volume(volume: Volume, clf: Classifier, segmenter: Segmenter, params: PipelineParams = PipelineParams(),
-               on_step: Callable[[], None] | None = None) -> VolumeResult:
+               on_step: Callable[[], None] | None = None, *, run: RunInfo | None = None) -> VolumeResult:
     """Find HRFs in every B-scan of ``volume``; one VolumeResult with provenance.
 
-    ``on_step`` is called after the first scoring and after each iteration (for progress bars)."""
+    ``on_step`` is called after the first scoring and after each iteration (for progress bars).
+    ``run`` is :func:`run_info` of the same inputs when the caller built it already (an ingest
+    builds it once, as its rerun key); the result carries it with the time per stage added."""
     on_step = on_step or (lambda: None)
+    run = run or run_info(clf, segmenter, params)
     seconds = {"score": 0.0, "explain": 0.0, "segment": 0.0}
-    resolved = params.resolved(clf)
+    threshold = float(run.parameters["threshold"])
     t0 = time.perf_counter()
     first = score_bscans(clf, volume.bscans)
     seconds["score"] += time.perf_counter() - t0
     on_step()
     states: dict[int, _State] = {}
-    for b in np.flatnonzero(first >= resolved["threshold"]).tolist():
+    for b in np.flatnonzero(first >= threshold).tolist():
         img = volume.bscans[b]
         states[b] = _State(work=img.copy(), fill=float(img.mean()), scores=[float(first[b])],
                            mask=np.zeros(img.shape, bool), tried=np.zeros(img.shape, bool))
@@ -165,6 +185,5 @@ def run_volume(volume: Volume, clf: Classifier, segmenter: Segmenter, params: Pi
             r0, c0, r1, c1 = les.bbox_rc
             kept[r0:r1, c0:c1] |= les.mask
         bscans.append(BScanResult(b, tuple(st.scores), tuple(st.peaks), kept, lesions, st.relevance, tuple(st.segments)))
-    run = RunInfo(model_id=clf.model_id, segmenter=segmenter.name, segmenter_checkpoint_sha256=segmenter.checkpoint_sha256,
-                  parameters=resolved, code_version=__version__, device=str(clf.device), seconds=seconds)
-    return VolumeResult(meta=volume.meta, bscan_shape=volume.bscan_shape, bscans=tuple(bscans), run=run)
+    return VolumeResult(meta=volume.meta, bscan_shape=volume.bscan_shape, bscans=tuple(bscans),
+                        run=dataclasses.replace(run, seconds=seconds))

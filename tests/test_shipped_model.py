@@ -10,7 +10,7 @@ import pytest
 from hrf_batch.model.catalog import list_models
 from hrf_batch.model.classify import load_classifier, score_bscans
 from hrf_batch.config import DEFAULT_MODEL, MODELS_DIR
-from hrf_batch.evaluation.classification import evaluate_classifier, model_threshold
+from hrf_batch.evaluation.classification import evaluate_classifier
 from hrf_batch.io.labels import load_study_labels
 from hrf_batch.pipeline import PipelineParams
 from hrf_batch.io.readers import read_volume
@@ -43,7 +43,7 @@ def test_shipped_model_is_listed_intact_with_a_card(clf) -> None:
 def test_healthy_real_bscans_score_below_threshold(clf, fixtures_dir: Path, name: str) -> None:
     vol = read_volume(fixtures_dir / "spectralis-raw-data" / name)
     scores = score_bscans(clf, vol.bscans)
-    assert (scores < model_threshold(clf)).all(), f"{name}: {scores} vs threshold {model_threshold(clf):.3f}"
+    assert (scores < clf.threshold).all(), f"{name}: {scores} vs threshold {clf.threshold:.3f}"
 
 
 def test_detects_hrf_on_a_fresh_synthetic_study(clf, fresh_study: Path) -> None:

@@ -12,16 +12,11 @@ from hrf_batch.io.labels import LabelledBScans
 from hrf_batch.evaluation.metrics import presence_metrics
 
 
-def model_threshold(clf: Classifier) -> float:
-    """The decision threshold chosen on validation data at training time (0.5 if none)."""
-    return float(clf.info.config.metrics.get("threshold", 0.5))
-
-
 def evaluate_classifier(clf: Classifier, data: LabelledBScans) -> dict[str, Any]:
     """Metrics of ``clf`` on ``data``; scores are the task head's HRF-presence score."""
     cfg = clf.info.config
     scores = score_images(clf.model, cfg.task, data.images, cfg.norm_mean, cfg.norm_std, clf.device, clf.batch_size)
-    out: dict[str, Any] = {"model_id": clf.model_id, "task": cfg.task, **presence_metrics(data.counts, scores, model_threshold(clf))}
+    out: dict[str, Any] = {"model_id": clf.model_id, "task": cfg.task, **presence_metrics(data.counts, scores, clf.threshold)}
     out["n_patients"] = len(set(data.patients.tolist()))
     if cfg.task == "regression":
         from hrf_batch.model.nets.heads import RegressionTask

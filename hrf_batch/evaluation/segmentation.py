@@ -42,15 +42,15 @@ from hrf_batch.io.discover import FileIssue
 from hrf_batch.model.explain import relevance_maps
 from hrf_batch.errors import LabelError
 from hrf_batch.io.ground_truth import load_ground_truth
-from hrf_batch.pipeline import PipelineParams, run_volume
+from hrf_batch.pipeline import PipelineParams, run_info, run_volume
 from hrf_batch.results import VolumeResult
 from hrf_batch.segment import Segmenter
+from hrf_batch.segment.lesions import components, lesion_labels
 from hrf_batch.io.study import iter_study
 from hrf_batch.io.volume import Volume
 
 log = logging.getLogger(__name__)
 
-_EIGHT = np.ones((3, 3), dtype=bool)
 THRESHOLD_GRID = np.geomspace(1e-3, 1.0, 61)  # on relevance / max positive relevance of the map
 AVERAGING = ("Dice: mean over B-scans with a GT HRF or a prediction; recall: over GT-positive B-scans; "
              "precision: over B-scans with a prediction; lesions pooled over the study")
@@ -64,10 +64,10 @@ def _ratio(num: float, den: float) -> float:
 
 
 def _gt_labels(gt: np.ndarray) -> np.ndarray:
-    """Integer HRF labels; a boolean mask is split into 8-connected components first."""
+    """Integer HRF labels; a boolean mask is split into lesions' connected components first."""
     gt = np.asarray(gt)
     if gt.dtype == bool:
-        return ndimage.label(gt, structure=_EIGHT)[0]
+        return components(gt)[0]
     return gt.astype(np.int64, copy=False)
 
 
@@ -75,10 +75,7 @@ def lesion_match(pred: np.ndarray, gt: np.ndarray, min_lesion_px: int) -> dict[s
     """Lesion counts of one B-scan: predicted components (>= ``min_lesion_px``), how many overlap an
     HRF, ground-truth HRFs (label ids) and how many are touched by a predicted lesion."""
     labels = _gt_labels(gt)
-    comp, n = ndimage.label(np.asarray(pred, dtype=bool), structure=_EIGHT)
-    sizes = np.bincount(comp.ravel(), minlength=n + 1)
-    kept_ids = np.flatnonzero(sizes >= max(int(min_lesion_px), 1))
-    kept_ids = kept_ids[kept_ids > 0]
+    comp, kept_ids = lesion_labels(pred, min_lesion_px)
     kept = np.isin(comp, kept_ids)
     hit = np.unique(comp[kept & (labels > 0)])
     hrf_ids = np.unique(labels[labels > 0])
@@ -301,7 +298,7 @@ def evaluate_segmentation(study_dir: Path, clf: Classifier, segmenter: Segmenter
                          "check the study folder (see `hrf-batch scan`) or regenerate it")
     calib, test, info = _calibration_rows(val_study, rows, clf, limit_volumes, progress)
     return {
-        "model_id": clf.model_id, "segmenter": segmenter.name, "parameters": params.resolved(clf),
+        "model_id": clf.model_id, "segmenter": segmenter.name, "parameters": run_info(clf, segmenter, params).parameters,
         "study": str(study_dir), "n_volumes": n_volumes, "n_unreadable": len(issues), "averaging": AVERAGING,
         "iterations_reported": list(ks), **{f"after_{k}": aggregate(per_k[k]) for k in ks},
         "baselines": _baselines(calib, test, info, ks),

@@ -31,6 +31,12 @@ class Classifier:
     def model_id(self) -> str:
         return self.info.model_id
 
+    @property
+    def threshold(self) -> float:
+        """The decision threshold chosen on validation data when the model was trained (0.5 if the
+        model folder records none): a B-scan scoring at or above it is taken to hold HRF."""
+        return float(self.info.config.metrics.get("threshold", 0.5))
+
 
 def default_batch_size(device: torch.device) -> int:
     """B-scans per forward pass: batches pay off on a GPU; on a CPU, LRP over 8 B-scans at once was

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -44,12 +44,16 @@ class Segmenter(Protocol):
     """Anything that turns (B-scan, prompt) pairs into masks.
 
     ``name`` is recorded with every output and must say exactly what produced it
-    (``sam2.1-hiera-tiny``, ``region-growing``); ``checkpoint_sha256`` is None without weights.
-    Images are display-scale float32 ``(H, W)``; each mask is bool ``(H, W)``.
+    (``sam2.1-hiera-tiny``, ``region-growing``); ``checkpoint_sha256`` is None without weights;
+    ``params`` is everything else that decides the masks (JSON-ready), stored with each run and part
+    of its rerun key. Images are display-scale float32 ``(H, W)``; each mask is bool ``(H, W)``.
     """
 
     name: str
     checkpoint_sha256: str | None
+
+    @property
+    def params(self) -> dict[str, Any]: ...
 
     def segment(self, images: Sequence[np.ndarray], prompts: Sequence[Prompt]) -> list[np.ndarray]: ...
 

@@ -61,7 +61,7 @@ class RegionGrowingSegmenter:
 
     @property
     def params(self) -> dict[str, Any]:
-        """What besides the name decides the masks (for result records)."""
+        """What besides the name and checkpoint decides the masks: stored with each run, part of its rerun key."""
         return asdict(self.settings)
 
     def segment(self, images: Sequence[np.ndarray], prompts: Sequence[Prompt]) -> list[np.ndarray]:

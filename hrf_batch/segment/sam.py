@@ -113,7 +113,7 @@ class Sam2Segmenter:
 
     @property
     def params(self) -> dict[str, Any]:
-        """What besides name and checkpoint decides the masks (for result records)."""
+        """What besides the name and checkpoint decides the masks: stored with each run, part of its rerun key."""
         return {"input_size": self.input_size, "upsample": "bicubic", "multimask": "best-score",
                 "downsample": "area>=0.5"}
 
