@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import shutil
-import subprocess
-import sys
 from datetime import date
 from pathlib import Path
 
@@ -339,9 +337,3 @@ def test_migrations_ship_inside_the_package() -> None:
     assert MIGRATIONS_DIR == PROJECT_ROOT / "hrf_batch" / "store" / "migrations"
     revisions = sorted(p.name for p in (MIGRATIONS_DIR / "versions").glob("0*.py"))
     assert revisions == ["0001_core_tables.py", "0002_burden_views.py"]
-
-
-def test_store_never_imports_torch() -> None:
-    code = "import sys, hrf_batch.store; print('torch' in sys.modules)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT, check=True)
-    assert done.stdout.strip() == "False"
