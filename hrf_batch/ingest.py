@@ -90,13 +90,17 @@ class _Context:
 
 
 def ingest_study(study_dir: Path, settings: Settings, *, progress: bool = True,
-                 on_volume: Callable[[str], None] | None = None) -> IngestSummary:
-    """Ingest every OCT volume under ``study_dir`` into the database named by ``settings.db``."""
+                 on_volume: Callable[[str], None] | None = None, segmenter: Segmenter | None = None) -> IngestSummary:
+    """Ingest every OCT volume under ``study_dir`` into the database named by ``settings.db``.
+
+    ``segmenter`` replaces the one the settings name (for library callers with their own, e.g. a
+    retuned region grower); its name, checkpoint hash and parameters go into the rerun key."""
     start = time.perf_counter()
     disc = discover(study_dir)
     clf = load_classifier(settings.model, settings.device, settings.batch_size)
-    segmenter = make_segmenter(settings.segmenter, sam2_checkpoint=settings.sam2_checkpoint,
-                               sam2_size=settings.sam2_size, device=settings.device)
+    if segmenter is None:
+        segmenter = make_segmenter(settings.segmenter, sam2_checkpoint=settings.sam2_checkpoint,
+                                   sam2_size=settings.sam2_size, device=settings.device)
     params = PipelineParams.from_settings(settings)
     summary = IngestSummary(batch_id=uuid.uuid4().hex[:12])
     with open_store(settings.db) as store:

@@ -73,3 +73,11 @@ def save_tiny_model(folder: Path, *, threshold: float = 0.0, seed: int = 0) -> P
     config = ModelConfig.for_model(model, norm_mean=40.0, norm_std=50.0, preset="cct-tiny", metrics={"threshold": threshold})
     save_model(model, config, folder)
     return folder
+
+
+def readme_queries() -> list[str]:
+    """The SQL examples of the README, as written there (statements of its ```sql blocks)."""
+    readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")
+    queries = [q.strip() for block in readme.split("```sql")[1:] for q in block.split("```")[0].split(";") if q.strip()]
+    assert len(queries) >= 2, "the README lost its SQL examples"
+    return queries

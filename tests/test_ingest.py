@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import save_tiny_model
+from conftest import readme_queries, save_tiny_model
 from hrf_batch.cli import EXIT_PARTIAL, main
 from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 
@@ -67,12 +67,35 @@ def test_clean_study_exits_zero(tmp_path: Path, tiny_model: Path) -> None:
     result = CliRunner().invoke(main, ["ingest", str(study), *_args(tmp_path / "db.sqlite", tiny_model)])
     assert result.exit_code == 0, result.output
     assert "2 processed" in result.output
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    queries = [q.strip() for block in readme.split("```sql")[1:] for q in block.split("```")[0].split(";") if q.strip()]
-    assert len(queries) >= 2
-    with sqlite3.connect(tmp_path / "db.sqlite") as con:  # the README's example queries run as written
-        for query in queries:
-            con.execute(query).fetchall()
+    with sqlite3.connect(tmp_path / "db.sqlite") as con:  # the README's per-visit query agrees with the lesion rows
+        (per_visit,) = [q for q in readme_queries() if "FROM hrf_burden_visit" in q]
+        rows = con.execute(per_visit).fetchall()
+        lesions = dict(((p, str(d), e), n) for p, d, e, n in con.execute(
+            "select p.patient_id, vi.visit_date, v.eye, count(l.id) from volumes v join visits vi on v.visit_pk=vi.id "
+            "join patients p on vi.patient_pk=p.id join runs r on r.volume_pk=v.id join bscans b on b.run_pk=r.id "
+            "left join lesions l on l.bscan_pk=b.id where r.status='done' group by p.patient_id, vi.visit_date, v.eye"))
+    assert len(rows) == 2 and {(p, str(d), e): n for p, d, e, n, *_ in rows} == lesions
+
+
+def test_retuned_segmenter_makes_a_new_run_and_the_same_parameters_skip(tmp_path: Path, tiny_model: Path) -> None:
+    from hrf_batch.config import load_settings
+    from hrf_batch.ingest import ingest_study
+    from hrf_batch.segment import RegionGrowingSegmenter, RegionParams
+
+    study = tmp_path / "s"
+    write_synthetic_study(study, StudySpec(patients=1, visits=1, bscans=2, width=96, height=64, seed=9))
+    settings = load_settings({"db": str(tmp_path / "db.sqlite"), "model": str(tiny_model), "device": "cpu",
+                              "max_iterations": 1}, env={})
+    first = ingest_study(study, settings, progress=False, segmenter=RegionGrowingSegmenter())
+    assert (first.processed, first.already_done) == (2, 0)
+    retuned = ingest_study(study, settings, progress=False, segmenter=RegionGrowingSegmenter(RegionParams(min_contrast=20.0)))
+    assert (retuned.processed, retuned.already_done) == (2, 0)  # a new run per volume, the old ones kept
+    same = ingest_study(study, settings, progress=False, segmenter=RegionGrowingSegmenter(RegionParams(min_contrast=20.0)))
+    assert (same.processed, same.already_done) == (0, 2)
+    with sqlite3.connect(tmp_path / "db.sqlite") as con:
+        contrasts = sorted(c for (c,) in con.execute(
+            "select json_extract(parameters, '$.segmenter_params.min_contrast') from runs"))
+    assert contrasts == [20.0, 20.0, 30.0, 30.0]
 
 
 def test_missing_model_is_one_clear_error(tmp_path: Path) -> None:

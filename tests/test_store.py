@@ -14,7 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
-from conftest import PROJECT_ROOT, make_test_volume
+from conftest import PROJECT_ROOT, make_test_volume, readme_queries
 from hrf_batch.results import BScanResult, Lesion, RunInfo, VolumeResult
 from hrf_batch.store import (
     SchemaOutdatedError,
@@ -337,3 +337,38 @@ def test_migrations_ship_inside_the_package() -> None:
     assert MIGRATIONS_DIR == PROJECT_ROOT / "hrf_batch" / "store" / "migrations"
     revisions = sorted(p.name for p in (MIGRATIONS_DIR / "versions").glob("0*.py"))
     assert revisions == ["0001_core_tables.py", "0002_burden_views.py"]
+
+
+def test_readme_queries_give_the_designed_answers(store_url: str) -> None:
+    """The README's example SQL, run as written on both backends, against a cohort built to know the answers."""
+    designed = {  # (patient, eye, visit): lesions per B-scan
+        ("P001", "OD", date(2024, 1, 10)): (1, 0, 0), ("P001", "OD", date(2024, 4, 10)): (2, 1, 0),
+        ("P001", "OS", date(2024, 1, 10)): (0, 0, 0), ("P001", "OS", date(2024, 4, 10)): (1, 0, 0),
+        ("P002", "OD", date(2024, 2, 1)): (2, 2, 0), ("P002", "OD", date(2024, 5, 1)): (1, 0, 0),
+    }
+    areas = {}
+    with open_store(store_url) as store:
+        for k, ((patient, eye, visit), lesions) in enumerate(designed.items()):
+            result = make_result(make_meta(patient, eye, visit, sha="abcdef"[k]), lesions=lesions, seed=k)
+            store.save_volume_result(result)
+            sp = result.meta.spacing
+            areas[(patient, eye, visit)] = sum(b.hrf_area_px for b in result.bscans) * sp.lateral_mm * sp.axial_mm
+    grew, per_visit = readme_queries()
+    engine = create_engine(store_url)
+    try:
+        with engine.connect() as conn:
+            grew_rows = [tuple(r) for r in conn.execute(text(grew))]
+            visit_rows = [tuple(r) for r in conn.execute(text(per_visit))]
+    finally:
+        engine.dispose()
+    # P001: 1 HRF at the first visit (both eyes), 4 at the latest: +3; P002 went from 4 to 1 and is not listed
+    assert [(p, n, str(first), str(last), change) for p, n, first, last, change in grew_rows] == \
+        [("P001", 2, "2024-01-10", "2024-04-10", 3)]
+    expected = [  # patient, visit, eye, count, positive B-scans, delta; ordered by patient, eye, visit
+        ("P001", "2024-01-10", "OD", 1, 1, None), ("P001", "2024-04-10", "OD", 3, 2, 2),
+        ("P001", "2024-01-10", "OS", 0, 0, None), ("P001", "2024-04-10", "OS", 1, 1, 1),
+        ("P002", "2024-02-01", "OD", 4, 2, None), ("P002", "2024-05-01", "OD", 1, 1, -3),
+    ]
+    assert [(p, str(d), e, n, pos, delta) for p, d, e, n, pos, _, delta in visit_rows] == expected
+    for p, d, e, _, _, area, _ in visit_rows:
+        assert area == pytest.approx(areas[(p, e, date.fromisoformat(str(d)))], rel=1e-6, abs=1e-9)
