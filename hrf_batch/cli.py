@@ -236,17 +236,15 @@ def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Pat
 
 def _segmentation_report(settings: Settings, clf: Any, study_dir: Path, val_study: Path | None,
                          limit_volumes: int | None) -> dict[str, Any]:
-    from hrf_batch.evaluation.segmentation import evaluate_segmentation, pointing_game
+    from hrf_batch.evaluation.segmentation import evaluate_segmentation
     from hrf_batch.pipeline import PipelineParams
     from hrf_batch.segment import make_segmenter
 
     seg = make_segmenter(settings.segmenter, sam2_checkpoint=settings.sam2_checkpoint, sam2_size=settings.sam2_size,
                          device=settings.device)
-    return {
-        "segmentation": evaluate_segmentation(study_dir, clf, seg, PipelineParams.from_settings(settings), val_study=val_study,
-                                              limit_volumes=limit_volumes, progress=True),
-        "pointing_game": pointing_game(study_dir, clf, limit_volumes=limit_volumes),
-    }
+    metrics = evaluate_segmentation(study_dir, clf, seg, PipelineParams.from_settings(settings), val_study=val_study,
+                                    limit_volumes=limit_volumes, progress=True)
+    return {"pointing_game": metrics.pop("pointing_game"), "segmentation": metrics}
 
 
 def _int_list(value: str) -> tuple[int, ...]:
@@ -336,7 +334,7 @@ def db_upgrade(ctx: click.Context, db_opt: str | None) -> None:
 
 
 @main.command()
-@click.option("--dir", "models_dir", type=click.Path(path_type=Path, file_okay=False), help="Folder of model folders (default: the shipped models/).")
+@click.option("--dir", "models_dir", type=click.Path(path_type=Path, file_okay=False), help="Folder of model folders (default: the models shipped inside the package).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_context
 @_friendly

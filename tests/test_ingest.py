@@ -103,6 +103,7 @@ def test_missing_model_is_one_clear_error(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "model folder not found" in result.output
 
 
+@pytest.mark.slow
 def test_sigkill_mid_ingest_then_rerun(tmp_path: Path, tiny_model: Path) -> None:
     study = tmp_path / "study"
     write_synthetic_study(study, StudySpec(patients=2, visits=2, bscans=3, width=384, height=256, seed=8))

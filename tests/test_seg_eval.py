@@ -265,3 +265,10 @@ def test_calibration_at_true_centres(study: Path) -> None:
     best = max(rows + few, key=lambda r: r["dice"])
     assert text.splitlines()[2].startswith("*") and f"{best['dice']:6.3f}" in text.splitlines()[2]
     assert "(default)" in text
+
+
+def test_evaluation_reports_the_same_pointing_game_from_its_own_maps(study: Path, clf: Classifier) -> None:
+    """evaluate_segmentation reuses the pipeline's first relevance maps for the pointing game: the same
+    answer as computing every map afresh."""
+    metrics = evaluate_segmentation(study, clf, make_segmenter("region"), PipelineParams(max_iterations=2))
+    assert metrics["pointing_game"] == pointing_game(study, clf)

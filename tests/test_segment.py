@@ -275,6 +275,7 @@ def test_sam2_loads_through_the_real_loader(sam_segmenter: Segmenter, sam_checkp
     assert sam2_status(sam_checkpoint, "tiny")["ready"] is True
 
 
+@pytest.mark.slow  # three Hiera-T encodings on a CPU
 def test_sam2_masks_lie_in_the_crop_window(sam_run: dict) -> None:
     assert len(sam_run["batched"]) == 2
     for image, prompt, mask in zip(sam_run["images"], sam_run["prompts"], sam_run["batched"]):
@@ -282,6 +283,7 @@ def test_sam2_masks_lie_in_the_crop_window(sam_run: dict) -> None:
     assert sam_run["prompts"][1].window == (0, 196, 60, 256)
 
 
+@pytest.mark.slow  # three Hiera-T encodings on a CPU
 def test_sam2_batched_equals_one_at_a_time(sam_run: dict) -> None:
     assert len(sam_run["single"]) == 1
     np.testing.assert_array_equal(sam_run["batched"][1], sam_run["single"][0])

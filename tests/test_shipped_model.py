@@ -15,7 +15,7 @@ from hrf_batch.io.labels import load_study_labels
 from hrf_batch.pipeline import PipelineParams
 from hrf_batch.io.readers import read_volume
 from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
-from hrf_batch.evaluation.segmentation import evaluate_segmentation, pointing_game
+from hrf_batch.evaluation.segmentation import evaluate_segmentation
 from hrf_batch.segment import make_segmenter
 
 SHIPPED = MODELS_DIR / DEFAULT_MODEL
@@ -29,7 +29,7 @@ def clf():
 @pytest.fixture(scope="module")
 def fresh_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("fresh")
-    write_synthetic_study(root, StudySpec(patients=3, visits=1, bscans=9, width=512, height=496, seed=909))
+    write_synthetic_study(root, StudySpec(patients=3, visits=1, bscans=6, width=512, height=496, seed=909))
     return root
 
 
@@ -51,15 +51,24 @@ def test_detects_hrf_on_a_fresh_synthetic_study(clf, fresh_study: Path) -> None:
     assert metrics["auroc"] >= 0.9, metrics
 
 
-def test_pointing_game(clf, fresh_study: Path) -> None:
-    result = pointing_game(fresh_study, clf, tolerance_px=3)
+@pytest.fixture(scope="module")
+def segmentation(clf, fresh_study: Path) -> dict:
+    """The pipeline over the fresh study, scored against its masks: relevance maps computed once for
+    the pipeline, the baselines and the pointing game."""
+    return evaluate_segmentation(fresh_study, clf, make_segmenter("region"), PipelineParams(max_iterations=6),
+                                 pointing_tolerance_px=3)
+
+
+@pytest.mark.slow
+def test_pointing_game(segmentation: dict) -> None:
+    result = segmentation["pointing_game"]
     assert result["n_bscans"] >= 10
     assert result["fraction"] >= 0.8, result
 
 
-def test_iterations_raise_lesion_recall_and_prompting_beats_global_threshold(clf, fresh_study: Path) -> None:
-    seg = make_segmenter("region")
-    metrics = evaluate_segmentation(fresh_study, clf, seg, PipelineParams(max_iterations=6))
+@pytest.mark.slow
+def test_iterations_raise_lesion_recall_and_prompting_beats_global_threshold(segmentation: dict) -> None:
+    metrics = segmentation
     first, last = metrics["after_1"], metrics["after_6"]
     assert last["lesion_recall"] > first["lesion_recall"]
     base = metrics["baselines"]  # same held-out GT-positive B-scans for all three numbers

@@ -238,7 +238,8 @@ def _baseline_rows(vol: Volume, labels: np.ndarray, clf: Classifier, result: Vol
     for i in idx:
         grid, oracle, _ = threshold_dice(maps[i], labels[i])
         pipe = {} if result is None else {k: bscan_scores(result.bscans[i].mask_after(k), labels[i])["dice"] for k in ks}
-        rows.append({"patient": vol.meta.patient_id, "grid": grid, "oracle": oracle, "pipeline": pipe})
+        rows.append({"patient": vol.meta.patient_id, "grid": grid, "oracle": oracle, "pipeline": pipe,
+                     "peak_distance": _peak_distance(maps[i], labels[i])})
     return rows
 
 
@@ -277,10 +278,11 @@ def _baselines(calib: list, test: list, info: dict[str, Any], ks: tuple[int, ...
 def evaluate_segmentation(study_dir: Path, clf: Classifier, segmenter: Segmenter,
                           params: PipelineParams = PipelineParams(), *, val_study: Path | None = None,
                           iterations_report: tuple[int, ...] | None = None, limit_volumes: int | None = None,
-                          progress: bool = False) -> dict[str, Any]:
+                          progress: bool = False, pointing_tolerance_px: float = 3) -> dict[str, Any]:
     """Run the pipeline on every volume of a study with ground truth and score its masks after each
     of ``iterations_report`` iterations (default: 1 and ``max_iterations``), next to the Table 2
-    relevance-threshold baselines. Keys: ``after_<k>`` blocks of :func:`aggregate`, ``baselines``.
+    relevance-threshold baselines. Keys: ``after_<k>`` blocks of :func:`aggregate`, ``baselines``, and
+    ``pointing_game`` (:func:`pointing_game` from the same relevance maps, which are computed once).
     ``limit_volumes`` caps the volumes read from each study (evaluation and validation), for quick runs."""
     ks = _report_iterations(iterations_report, params)
     per_k: dict[int, list[dict[str, float]]] = {k: [] for k in ks}
@@ -302,34 +304,47 @@ def evaluate_segmentation(study_dir: Path, clf: Classifier, segmenter: Segmenter
         "study": str(study_dir), "n_volumes": n_volumes, "n_unreadable": len(issues), "averaging": AVERAGING,
         "iterations_reported": list(ks), **{f"after_{k}": aggregate(per_k[k]) for k in ks},
         "baselines": _baselines(calib, test, info, ks),
+        "pointing_game": _pointing_summary(clf, [r["peak_distance"] for r in rows], pointing_tolerance_px),
     }
 
 
 # --------------------------------------------------------------------------- pointing game
 
 
-def pointing_game(study_dir: Path, clf: Classifier, *, tolerance_px: float = 3,
-                  limit_volumes: int | None = None, progress: bool = False) -> dict[str, Any]:
-    """Over GT-positive B-scans, the fraction whose relevance argmax lies on or within
-    ``tolerance_px`` of an HRF pixel: does the explanation point where the prompt should go?
-    ``chance`` is the mean fraction of pixels within tolerance (what a random point would score)."""
+def _peak_distance(relevance: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
+    """Distance (px) from the relevance argmax to the nearest HRF pixel, and the distance map
+    (what a random point would score is read from it)."""
+    dist = ndimage.distance_transform_edt(labels == 0)
+    rel = np.nan_to_num(relevance, nan=-np.inf)
+    return float(dist.flat[int(np.argmax(rel))]), dist
+
+
+def _pointing_summary(clf: Classifier, found: list[tuple[float, np.ndarray]], tolerance_px: float) -> dict[str, Any]:
     if tolerance_px < 0:
         raise ValueError(f"tolerance_px must be >= 0, got {tolerance_px}; 0 means on an HRF pixel")
-    hits, distances, chance = [], [], []
-    for vol, labels in labelled_volumes(study_dir, limit_volumes, progress=progress):
-        idx = _gt_positive(labels)
-        maps = _first_relevance(vol, clf, idx)
-        for i in idx:
-            dist = ndimage.distance_transform_edt(labels[i] == 0)
-            rel = np.nan_to_num(maps[i], nan=-np.inf)
-            d = float(dist.flat[int(np.argmax(rel))])
-            distances.append(d)
-            hits.append(d <= tolerance_px)
-            chance.append(float((dist <= tolerance_px).mean()))
+    distances = [d for d, _ in found]
+    hits = [d <= tolerance_px for d in distances]
+    chance = [float((dist <= tolerance_px).mean()) for _, dist in found]
     return {"model_id": clf.model_id, "tolerance_px": float(tolerance_px), "n_bscans": len(hits),
             "hits": int(sum(hits)), "fraction": _mean([float(h) for h in hits]),
             "median_distance_px": float(np.median(distances)) if distances else float("nan"),
             "chance": _mean(chance)}
+
+
+def pointing_game(study_dir: Path, clf: Classifier, *, tolerance_px: float = 3,
+                  limit_volumes: int | None = None, progress: bool = False) -> dict[str, Any]:
+    """Over GT-positive B-scans, the fraction whose relevance argmax lies on or within
+    ``tolerance_px`` of an HRF pixel: does the explanation point where the prompt should go?
+    ``chance`` is the mean fraction of pixels within tolerance (what a random point would score).
+    :func:`evaluate_segmentation` reports the same from the maps it computes anyway."""
+    if tolerance_px < 0:
+        raise ValueError(f"tolerance_px must be >= 0, got {tolerance_px}; 0 means on an HRF pixel")
+    found = []
+    for vol, labels in labelled_volumes(study_dir, limit_volumes, progress=progress):
+        idx = _gt_positive(labels)
+        maps = _first_relevance(vol, clf, idx)
+        found += [_peak_distance(maps[i], labels[i]) for i in idx]
+    return _pointing_summary(clf, found, tolerance_px)
 
 
 # --------------------------------------------------------------------------- formatting
