@@ -28,6 +28,11 @@ class ReadError(HrfBatchError):
         self.path = str(path)
         super().__init__(f"{self.path}: {problem}", hint)
 
+    @classmethod
+    def unreadable(cls, path: Path | str, exc: OSError) -> ReadError:
+        """The file could not be opened or read at all (missing, permissions, I/O error)."""
+        return cls(path, f"cannot read file: {exc.strerror or one_line(exc)}", "check the path and permissions")
+
 
 class NotOctError(ReadError):
     """The file is readable but holds no OCT image (e.g. a CT DICOM, a PDF, a stray TIFF)."""

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hrf_batch.errors import NotOctError, ReadError
+from hrf_batch.io.readers.raw import read_bytes
 from hrf_batch.io.volume import Volume
 
 SUPPORTED = "HEYEX .vol, HEYEX .e2e, HEYEX XML export, DICOM OCT (Ophthalmic Tomography), Topcon .fds"
@@ -15,11 +16,7 @@ _HEAD_BYTES = 4096
 
 def read_head(path: Path, size: int = _HEAD_BYTES) -> bytes:
     """First bytes of a file, with a ReadError that names the file when it cannot be opened."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(size)
-    except OSError as exc:
-        raise ReadError(path, f"cannot read file: {exc.strerror}", "check the path and permissions") from exc
+    return read_bytes(path, size)
 
 
 def sniff(head: bytes) -> str | None:

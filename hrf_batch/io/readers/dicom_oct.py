@@ -25,7 +25,7 @@ import warnings
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from pydicom import dcmread
@@ -485,27 +485,26 @@ def _common_folder(paths: list[Path]) -> Path:
     return parents.pop() if len(parents) == 1 else paths[0]
 
 
-def _date(ds: Dataset, keyword: str) -> date | None:
+def _parsed(ds: Dataset, keyword: str, parse: Callable[[str], Any]) -> Any:
+    """A DA/DT element parsed by pydicom, or None when absent or unreadable (with a warning: a bad
+    date must not cost the whole volume)."""
     text = _text(ds, keyword)
     if not text:
         return None
     try:
-        value = DA(text)
+        return parse(text)
     except ValueError as exc:
         log.warning("ignoring unreadable %s %r (%s)", keyword, text, _short(exc))
         return None
+
+
+def _date(ds: Dataset, keyword: str) -> date | None:
+    value = _parsed(ds, keyword, DA)
     return date(value.year, value.month, value.day) if value is not None else None
 
 
 def _datetime(ds: Dataset, keyword: str) -> datetime | None:
-    text = _text(ds, keyword)
-    if not text:
-        return None
-    try:
-        v = DT(text)
-    except ValueError as exc:
-        log.warning("ignoring unreadable %s %r (%s)", keyword, text, _short(exc))
-        return None
+    v = _parsed(ds, keyword, DT)
     if v is None:
         return None
     return datetime(v.year, v.month, v.day, v.hour, v.minute, v.second, v.microsecond, tzinfo=v.tzinfo)

@@ -81,7 +81,7 @@ def _check_directory(path: Path) -> None:
                 seen.add(position)
                 position = _check_chunk(path, fh, position, size)
     except OSError as exc:
-        raise ReadError(path, f"cannot read file: {exc.strerror}", "check the path and permissions") from exc
+        raise ReadError.unreadable(path, exc) from exc
 
 
 def _check_chunk(path: Path, fh: BinaryIO, position: int, size: int) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from hrf_batch.errors import ReadError
+from hrf_batch.io.readers.raw import read_bytes
 from hrf_batch.io.volume import (
     BScanPosition,
     Spacing,
@@ -157,10 +158,7 @@ def _pixels(raw: bytes, hdr: VolHeader) -> np.ndarray:
 def read_vol(path: Path) -> list[Volume]:
     """Read one HEYEX `.vol` file into one Volume on the 0..255 display scale."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ReadError(path, f"cannot read file: {exc.strerror}", "check the path and permissions") from exc
+    raw = read_bytes(path)
     hdr = parse_header(path, raw)
     localizer = None
     if hdr.size_x_slo and hdr.size_y_slo:

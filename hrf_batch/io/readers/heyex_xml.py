@@ -85,7 +85,7 @@ def _parse(xml_path: Path) -> ET.Element:
     except ET.ParseError as exc:
         raise ReadError(xml_path, f"malformed XML ({exc})", _HINT) from exc
     except OSError as exc:
-        raise ReadError(xml_path, f"cannot read file: {exc.strerror}", "check the path and permissions") from exc
+        raise ReadError.unreadable(xml_path, exc) from exc
     if root.tag != "HEDX":
         raise ReadError(xml_path, f"XML root is <{root.tag}>, not a HEYEX export <HEDX>", _HINT)
     return root

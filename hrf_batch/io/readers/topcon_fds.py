@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from hrf_batch.errors import ReadError
+from hrf_batch.io.readers.raw import read_bytes
 from hrf_batch.io.volume import Spacing, Volume, VolumeMeta
 from hrf_batch.io.hashing import sha256_of_files
 
@@ -220,10 +221,7 @@ def _fundus(path: Path, chunks: dict[str, memoryview]) -> np.ndarray | None:
 def read_fds(path: Path) -> list[Volume]:
     """Read one Topcon `.fds` file into one Volume (its OCT scan) on the 0..255 display scale."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ReadError(path, f"cannot read file: {exc.strerror}", "check the path and permissions") from exc
+    raw = read_bytes(path)
     chunks = _chunks(path, raw)
     mode, pixels = _scan(path, chunks)
     pattern = _pattern(mode, pixels.shape[0])
