@@ -11,8 +11,8 @@ import time
 
 import torch
 
+from hrf_batch.config import DEFAULT_MODEL, MODELS_DIR
 from hrf_batch.model.files import load_model, resolve_device
-from hrf_batch.config import MODELS_DIR, DEFAULT_MODEL
 from hrf_batch.model.nets import get_task
 
 

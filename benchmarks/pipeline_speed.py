@@ -13,12 +13,12 @@ from datetime import date, datetime
 
 import numpy as np
 
-from hrf_batch.model.classify import load_classifier
 from hrf_batch.config import DEFAULT_MODEL, MODELS_DIR
-from hrf_batch.pipeline import PipelineParams, run_volume
-from hrf_batch.synthetic.study import StudySpec, synthetic_volume
-from hrf_batch.segment import make_segmenter
 from hrf_batch.io.volume import Volume
+from hrf_batch.model.classify import load_classifier
+from hrf_batch.pipeline import PipelineParams, run_volume
+from hrf_batch.segment import make_segmenter
+from hrf_batch.synthetic.study import StudySpec, synthetic_volume
 
 
 def _one_at_a_time(volume: Volume, clf, segmenter, params: PipelineParams) -> tuple[float, int]:

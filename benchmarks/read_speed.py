@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from hrf_batch.io.discover import discover, read_sources
-from hrf_batch.synthetic.generator_a import synth_volume
-from hrf_batch.synthetic.fundus import synth_localizer
 from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta
 from hrf_batch.io.writers.dicom import write_dicom_oct
 from hrf_batch.io.writers.e2e import write_e2e
 from hrf_batch.io.writers.heyex_xml import write_heyex_xml
 from hrf_batch.io.writers.vol import write_vol
+from hrf_batch.synthetic.fundus import synth_localizer
+from hrf_batch.synthetic.generator_a import synth_volume
 
 
 def _volume(n: int, h: int, w: int) -> Volume:

@@ -211,8 +211,8 @@ def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Pat
     """Score a labelled study with a model: AUROC, AP and F1 for HRF presence; with --segmentation
     also Dice, pixel recall/precision and lesion F1 after 1 and N iterations, the global- and
     oracle-threshold baselines, and the pointing game."""
-    from hrf_batch.model.classify import load_classifier
     from hrf_batch.evaluation.classification import evaluate_classifier, format_metrics
+    from hrf_batch.model.classify import load_classifier
 
     settings = _settings(ctx, model=model, device=device, segmenter=segmenter, sam2_checkpoint=sam2_checkpoint,
                          max_iterations=max_iterations)
@@ -340,8 +340,8 @@ def db_upgrade(ctx: click.Context, db_opt: str | None) -> None:
 @_friendly
 def models(ctx: click.Context, models_dir: Path | None, as_json: bool) -> None:
     """List the classifier models with their ids and purpose, and whether SAM 2 is ready."""
-    from hrf_batch.model.catalog import list_models
     from hrf_batch.config import MODELS_DIR
+    from hrf_batch.model.catalog import list_models
     from hrf_batch.segment import sam2_status
 
     settings = _settings(ctx)

@@ -12,10 +12,17 @@ import pytest
 import torch
 
 from hrf_batch import __version__
-from hrf_batch.model.files import (
-    CONFIG_FILE, WEIGHTS_FILE, ModelConfig, ModelFileError, build_model, load_model, resolve_device, save_model,
-)
 from hrf_batch.errors import HrfBatchError
+from hrf_batch.model.files import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    ModelConfig,
+    ModelFileError,
+    build_model,
+    load_model,
+    resolve_device,
+    save_model,
+)
 from hrf_batch.model.nets import build_preset
 
 

@@ -10,10 +10,11 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from conftest import make_test_volume
 from hrf_batch import __version__
 from hrf_batch.cli import main
 from hrf_batch.io.writers.e2e import write_e2e
+
+from conftest import make_test_volume
 
 
 def _all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
@@ -83,8 +84,9 @@ def test_scan_fixtures(fixtures_dir: Path) -> None:
 
 
 def test_evaluate_segmentation_and_calibrate_commands(tmp_path: Path) -> None:
-    from conftest import save_tiny_model
     from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
+
+    from conftest import save_tiny_model
 
     save_tiny_model(tmp_path / "m")
     study = tmp_path / "study"

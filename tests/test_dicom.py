@@ -12,9 +12,9 @@ import pydicom
 import pytest
 
 from hrf_batch.errors import NotOctError, ReadError
+from hrf_batch.io.hashing import sha256_of_files
 from hrf_batch.io.readers.dicom_oct import DicomPeek, peek_dicom, read_dicom_oct
 from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta
-from hrf_batch.io.hashing import sha256_of_files
 from hrf_batch.io.writers.dicom import (
     CT_SOP_CLASS,
     OP8_SOP_CLASS,

@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import make_test_volume
-from hrf_batch.io.discover import FileIssue, discover, group_by_visit, read_sources
 from hrf_batch.errors import HrfBatchError
+from hrf_batch.io.discover import FileIssue, discover, group_by_visit, read_sources
 from hrf_batch.io.volume import Volume
 from hrf_batch.io.writers.dicom import write_ct_dicom, write_dicom_oct, write_empty_oct_dicom
 from hrf_batch.io.writers.e2e import write_e2e
 from hrf_batch.io.writers.heyex_xml import write_heyex_xml
 from hrf_batch.io.writers.vol import write_vol
+
+from conftest import make_test_volume
 
 
 def _good_files(root: Path) -> int:

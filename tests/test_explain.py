@@ -20,9 +20,9 @@ import torch
 from scipy.special import erf
 from torch import nn
 
-from hrf_batch.model.files import ModelConfig, ModelInfo, load_model, save_model
 from hrf_batch.model.classify import Classifier, to_tensor
 from hrf_batch.model.explain import RULE_SETS, Explainer, Explanation, relevance_maps
+from hrf_batch.model.files import ModelConfig, ModelInfo, load_model, save_model
 from hrf_batch.model.nets import LrpAware, build_preset, conservative, get_task
 from hrf_batch.synthetic.generator_a import synth_bscan
 

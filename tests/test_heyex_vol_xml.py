@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 from eyepy.io.he.vol_reader import HeVolReader
 
-from conftest import make_test_volume
 from hrf_batch.errors import ReadError
 from hrf_batch.io.readers import read_volume
 from hrf_batch.io.writers.heyex_xml import write_heyex_xml
 from hrf_batch.io.writers.vol import write_vol
+
+from conftest import make_test_volume
 
 
 def test_willis_line_scan(fixtures_dir: Path) -> None:

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import readme_queries, save_tiny_model
 from hrf_batch.cli import EXIT_PARTIAL, main
 from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
+
+from conftest import readme_queries, save_tiny_model
 
 TABLES = ("patients", "visits", "volumes", "runs", "bscans", "lesions", "ingest_errors")
 

@@ -11,12 +11,25 @@ import torch
 from scipy import ndimage as ndi
 from torchvision.models import alexnet
 
+from hrf_batch.io.readers import read_volume
 from hrf_batch.model.nets import (
-    ALEXNET_WEIGHTS_FILE, CCT, POOLINGS, POS_EMBEDS, PRESETS, LrpAware, MilNet, PretrainedWeightsError,
-    build_preset, conservative, count_parameters, get_task, patch_boxes, patch_grid, retina_band,
+    ALEXNET_WEIGHTS_FILE,
+    CCT,
+    POOLINGS,
+    POS_EMBEDS,
+    PRESETS,
+    LrpAware,
+    MilNet,
+    PretrainedWeightsError,
+    build_preset,
+    conservative,
+    count_parameters,
+    get_task,
+    patch_boxes,
+    patch_grid,
+    retina_band,
 )
 from hrf_batch.model.nets.cct import GELU, Attention, LayerNorm, sincos_2d
-from hrf_batch.io.readers import read_volume
 from hrf_batch.synthetic.generator_a import synth_bscan
 
 TASK_NAMES = ("binary", "3class", "regression")

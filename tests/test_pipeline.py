@@ -8,12 +8,13 @@ from datetime import date, datetime
 import numpy as np
 import pytest
 
-from conftest import save_tiny_model
+from hrf_batch.io.volume import Volume
 from hrf_batch.model.classify import load_classifier
 from hrf_batch.pipeline import PipelineParams, lesions_of, run_volume
-from hrf_batch.synthetic.study import StudySpec, synthetic_volume
 from hrf_batch.segment import make_segmenter
-from hrf_batch.io.volume import Volume
+from hrf_batch.synthetic.study import StudySpec, synthetic_volume
+
+from conftest import save_tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -16,17 +16,18 @@ import pandas as pd
 import pytest
 from pypdf import PdfReader
 
-from conftest import make_test_volume
 from hrf_batch import __version__
 from hrf_batch.errors import HrfBatchError
+from hrf_batch.io.ground_truth import load_ground_truth
+from hrf_batch.io.study import iter_study
+from hrf_batch.io.volume import Volume
 from hrf_batch.report import EXPORT_FILES, NOTICE, UnknownPatientError, export_cohort, render_patient_report
 from hrf_batch.report.figures import dot_sizes, mm_to_px
 from hrf_batch.results import BScanResult, Lesion, RunInfo, VolumeResult
-from hrf_batch.io.ground_truth import load_ground_truth
-from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 from hrf_batch.store import Store, open_store
-from hrf_batch.io.study import iter_study
-from hrf_batch.io.volume import Volume
+from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
+
+from conftest import make_test_volume
 
 SPEC = StudySpec(patients=2, visits=2, bscans=3, width=128, height=96, seed=1)
 TEST_MODEL_ID = "TEST-ONLY-fake-model-0000"

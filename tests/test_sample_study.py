@@ -11,13 +11,12 @@ import pytest
 from click.testing import CliRunner
 
 from hrf_batch.cli import main
-from hrf_batch.io.discover import FileIssue
-from hrf_batch.io.readers import read_volumes
-from hrf_batch.io.discover import discover, read_sources
+from hrf_batch.io.discover import FileIssue, discover, read_sources
 from hrf_batch.io.ground_truth import load_ground_truth
-from hrf_batch.synthetic.study import FORMAT_CYCLE, StudySpec, synthetic_volume, write_format, write_synthetic_study
+from hrf_batch.io.readers import read_volumes
 from hrf_batch.io.study import iter_study
 from hrf_batch.io.volume import Volume
+from hrf_batch.synthetic.study import FORMAT_CYCLE, StudySpec, synthetic_volume, write_format, write_synthetic_study
 
 SPEC = StudySpec(patients=2, visits=2, bscans=4, width=96, height=64, seed=5)
 

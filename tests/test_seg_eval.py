@@ -11,15 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hrf_batch.errors import LabelError
 from hrf_batch.evaluation import segmentation as seg_eval
 from hrf_batch.evaluation.calibrate import calibrate, format_calibration, hrf_centre, hrf_dice
-from conftest import save_tiny_model
-from hrf_batch.model.classify import Classifier, load_classifier
-from hrf_batch.model.explain import Explanation
-from hrf_batch.errors import LabelError
-from hrf_batch.pipeline import PipelineParams
-from hrf_batch.io.ground_truth import load_ground_truth
-from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 from hrf_batch.evaluation.segmentation import (
     aggregate,
     bscan_scores,
@@ -29,7 +23,14 @@ from hrf_batch.evaluation.segmentation import (
     pointing_game,
     threshold_dice,
 )
+from hrf_batch.io.ground_truth import load_ground_truth
+from hrf_batch.model.classify import Classifier, load_classifier
+from hrf_batch.model.explain import Explanation
+from hrf_batch.pipeline import PipelineParams
 from hrf_batch.segment import make_segmenter
+from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
+
+from conftest import save_tiny_model
 
 # --------------------------------------------------------------------------- hand-made masks
 

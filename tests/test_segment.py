@@ -13,7 +13,6 @@ import pytest
 from scipy import ndimage as ndi
 
 from hrf_batch.errors import HrfBatchError
-from hrf_batch.segment.prompts import crop, make_prompt
 from hrf_batch.segment import (
     CHECKPOINT_ENV,
     REGION_NAME,
@@ -23,6 +22,7 @@ from hrf_batch.segment import (
     make_segmenter,
     sam2_status,
 )
+from hrf_batch.segment.prompts import crop, make_prompt
 from hrf_batch.synthetic.generator_a import synth_bscan
 
 TINY_FILE = "sam2.1_hiera_tiny.pt"

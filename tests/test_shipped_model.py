@@ -7,16 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from hrf_batch.model.catalog import list_models
-from hrf_batch.model.classify import load_classifier, score_bscans
 from hrf_batch.config import DEFAULT_MODEL, MODELS_DIR
 from hrf_batch.evaluation.classification import evaluate_classifier
-from hrf_batch.io.labels import load_study_labels
-from hrf_batch.pipeline import PipelineParams
-from hrf_batch.io.readers import read_volume
-from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 from hrf_batch.evaluation.segmentation import evaluate_segmentation
+from hrf_batch.io.labels import load_study_labels
+from hrf_batch.io.readers import read_volume
+from hrf_batch.model.catalog import list_models
+from hrf_batch.model.classify import load_classifier, score_bscans
+from hrf_batch.pipeline import PipelineParams
 from hrf_batch.segment import make_segmenter
+from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 
 SHIPPED = MODELS_DIR / DEFAULT_MODEL
 

@@ -14,7 +14,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
-from conftest import PROJECT_ROOT, make_test_volume, readme_queries
 from hrf_batch.results import BScanResult, Lesion, RunInfo, VolumeResult
 from hrf_batch.store import (
     SchemaOutdatedError,
@@ -27,6 +26,8 @@ from hrf_batch.store import (
 )
 from hrf_batch.store.codec import decode_mask, decode_relevance, encode_mask, encode_relevance
 from hrf_batch.store.schema import VERSION_TABLE, Base
+
+from conftest import PROJECT_ROOT, make_test_volume, readme_queries
 
 ASSETS = Path(__file__).with_name("assets")
 TABLES = ("patients", "patient_identifiers", "visits", "volumes", "runs", "bscans", "lesions", "ingest_errors")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from hrf_batch.synthetic.generator_a import SyntheticBScan, synth_bscan, synth_volume
 from hrf_batch.synthetic.fundus import synth_localizer
+from hrf_batch.synthetic.generator_a import SyntheticBScan, synth_bscan, synth_volume
 
 LAYER_ORDER = ("ILM", "RNFL", "GCL", "IPL", "INL", "OPL", "ELM", "EZ", "RPE", "BM", "CSI")
 

@@ -11,16 +11,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from hrf_batch.training import train as train_mod
-from hrf_batch.training.augment import AugmentConfig, augment
-from hrf_batch.model.classify import load_classifier, score_bscans
 from hrf_batch.cli import main
 from hrf_batch.config import load_settings
-from hrf_batch.errors import HrfBatchError
+from hrf_batch.errors import HrfBatchError, LabelError
 from hrf_batch.evaluation.classification import evaluate_classifier
-from hrf_batch.errors import LabelError
 from hrf_batch.io.labels import load_csv_labels, load_study_labels
+from hrf_batch.model.classify import load_classifier, score_bscans
 from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
+from hrf_batch.training import train as train_mod
+from hrf_batch.training.augment import AugmentConfig, augment
 from hrf_batch.training.train import BalancedBatches, TrainConfig, split_by_patient, train_model
 
 TINY = dict(preset="cct-tiny", batch_size=4, device="cpu", max_lr=3e-3)

@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from hrf_batch.errors import LabelError
-from hrf_batch.io.ground_truth import load_ground_truth
-from hrf_batch.segment.prompts import DEFAULT_BOX_PX, DEFAULT_CROP_PX, make_prompt
-from hrf_batch.segment import Segmenter
 from hrf_batch.evaluation.segmentation import labelled_volumes
+from hrf_batch.io.ground_truth import load_ground_truth
+from hrf_batch.segment import Segmenter
+from hrf_batch.segment.prompts import DEFAULT_BOX_PX, DEFAULT_CROP_PX, make_prompt
 
 _CHUNK = 32  # prompts per segmenter call: bounds the memory of full-size masks
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from hrf_batch.model.classify import Classifier, score_images
-from hrf_batch.io.labels import LabelledBScans
 from hrf_batch.evaluation.metrics import presence_metrics
+from hrf_batch.io.labels import LabelledBScans
+from hrf_batch.model.classify import Classifier, score_images
 
 
 def evaluate_classifier(clf: Classifier, data: LabelledBScans) -> dict[str, Any]:

@@ -37,17 +37,17 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from hrf_batch.model.classify import Classifier
-from hrf_batch.io.discover import FileIssue
-from hrf_batch.model.explain import relevance_maps
 from hrf_batch.errors import LabelError
+from hrf_batch.io.discover import FileIssue
 from hrf_batch.io.ground_truth import load_ground_truth
+from hrf_batch.io.study import iter_study
+from hrf_batch.io.volume import Volume
+from hrf_batch.model.classify import Classifier
+from hrf_batch.model.explain import relevance_maps
 from hrf_batch.pipeline import PipelineParams, run_info, run_volume
 from hrf_batch.results import VolumeResult
 from hrf_batch.segment import Segmenter
 from hrf_batch.segment.lesions import components, lesion_labels
-from hrf_batch.io.study import iter_study
-from hrf_batch.io.volume import Volume
 
 log = logging.getLogger(__name__)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hrf_batch.io.discover import FileIssue
 from hrf_batch.errors import LabelError
+from hrf_batch.io.discover import FileIssue
 from hrf_batch.io.ground_truth import count_labels, load_ground_truth
 from hrf_batch.io.readers import read_volumes
 from hrf_batch.io.study import iter_study

@@ -39,7 +39,6 @@ model, default ε; the stabilisers) or to the float32 rounding of the map (float
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator

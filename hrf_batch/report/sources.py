@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from hrf_batch.io.discover import discover, read_sources
 from hrf_batch.errors import HrfBatchError
+from hrf_batch.io.discover import discover, read_sources
 from hrf_batch.io.readers import read_source
-from hrf_batch.store import StoredVolume
 from hrf_batch.io.volume import Volume
+from hrf_batch.store import StoredVolume
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from hrf_batch.segment.prompts import Prompt
+from hrf_batch.segment.region import REGION_NAME, RegionGrowingSegmenter, RegionParams
 from hrf_batch.segment.weights import (
     CHECKPOINT_ENV,
     SAM2_MODELS,
@@ -27,7 +28,6 @@ from hrf_batch.segment.weights import (
     sam2_spec,
     sam2_status,
 )
-from hrf_batch.segment.region import REGION_NAME, RegionGrowingSegmenter, RegionParams
 
 __all__ = [
     "CHECKPOINT_ENV", "KINDS", "REGION_NAME", "SAM2_MODELS", "RegionGrowingSegmenter", "RegionParams",

@@ -15,6 +15,7 @@ rows ``r0..r1-1``, columns ``c0..c1-1``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 
 CROP_MIN, CROP_MAX = 50, 100  # crop sizes the method was described with (px)

@@ -11,7 +11,6 @@ Never imports torch. Typical use::
 from hrf_batch.store.api import Store, open_store
 from hrf_batch.store.codec import params_hash
 from hrf_batch.store.engine import DEFAULT_SQLITE_FILE, display_url, head_revision, resolve_url, upgrade
-from hrf_batch.store.write import utc_now
 from hrf_batch.store.errors import SchemaOutdatedError, StoreError
 from hrf_batch.store.records import (
     IngestErrorRecord,
@@ -25,6 +24,7 @@ from hrf_batch.store.records import (
     VisitBurden,
     VolumeBurden,
 )
+from hrf_batch.store.write import utc_now
 
 __all__ = [
     "DEFAULT_SQLITE_FILE",

@@ -13,6 +13,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from hrf_batch.io.volume import VolumeMeta
 from hrf_batch.results import RunInfo, VolumeResult
 from hrf_batch.store import read, write
 from hrf_batch.store.engine import check_schema, display_url, make_engine, resolve_url
@@ -25,7 +26,6 @@ from hrf_batch.store.records import (
     StoredBScan,
     StoredVolume,
 )
-from hrf_batch.io.volume import VolumeMeta
 
 
 def open_store(url: str | None = None) -> Store:

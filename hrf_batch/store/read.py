@@ -14,17 +14,9 @@ from typing import Any, TypeVar
 from sqlalchemy import Date, DateTime, distinct, func, select, text
 from sqlalchemy.orm import Session, selectinload
 
+from hrf_batch.io.volume import BScanPosition, Spacing
 from hrf_batch.store import codec
 from hrf_batch.store.errors import StoreError
-from hrf_batch.store.schema import (
-    BScanRow,
-    IngestErrorRow,
-    PatientIdentifierRow,
-    PatientRow,
-    RunRow,
-    VisitRow,
-    VolumeRow,
-)
 from hrf_batch.store.records import (
     IngestErrorRecord,
     PatientBurden,
@@ -37,8 +29,16 @@ from hrf_batch.store.records import (
     VisitBurden,
     VolumeBurden,
 )
+from hrf_batch.store.schema import (
+    BScanRow,
+    IngestErrorRow,
+    PatientIdentifierRow,
+    PatientRow,
+    RunRow,
+    VisitRow,
+    VolumeRow,
+)
 from hrf_batch.store.write import RunKey
-from hrf_batch.io.volume import BScanPosition, Spacing
 
 VIEWS: dict[str, type] = {
     "hrf_burden_volume": VolumeBurden,

@@ -16,6 +16,7 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from hrf_batch.io.volume import VolumeMeta
 from hrf_batch.results import BScanResult, Lesion, RunInfo, VolumeResult
 from hrf_batch.store import codec
 from hrf_batch.store.errors import StoreError
@@ -29,7 +30,6 @@ from hrf_batch.store.schema import (
     VisitRow,
     VolumeRow,
 )
-from hrf_batch.io.volume import VolumeMeta
 
 _BUG_HINT = "this is a bug in the pipeline output; please report it with the file that caused it"
 

@@ -20,13 +20,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hrf_batch.training.augment import augment
-from hrf_batch.model.files import ModelConfig, build_model, resolve_device, save_model
-from hrf_batch.model.classify import score_images
 from hrf_batch.errors import HrfBatchError
-from hrf_batch.io.labels import LabelledBScans
 from hrf_batch.evaluation.metrics import best_f1_threshold, presence_metrics
+from hrf_batch.io.labels import LabelledBScans
+from hrf_batch.model.classify import score_images
+from hrf_batch.model.files import ModelConfig, build_model, resolve_device, save_model
 from hrf_batch.model.nets import PRESETS, get_task
+from hrf_batch.training.augment import augment
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"

@@ -32,16 +32,16 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import (
+    UID,
     OphthalmicPhotography8BitImageStorage,
     OphthalmicPhotography16BitImageStorage,
     OphthalmicTomographyImageStorage,
-    UID,
 )
 from pydicom.valuerep import DA, DT
 
 from hrf_batch.errors import NotOctError, ReadError, one_line
-from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta
 from hrf_batch.io.hashing import sha256_of_files
+from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from hrf_batch.errors import ReadError, one_line
+from hrf_batch.io.hashing import sha256_of_files
 from hrf_batch.io.volume import (
     BScanPosition,
     Spacing,
@@ -32,7 +33,6 @@ from hrf_batch.io.volume import (
     VolumeMeta,
     display_from_linear,
 )
-from hrf_batch.io.hashing import sha256_of_files
 
 MM_PER_DEGREE = 0.2896  # HEYEX "medium" eye length: 289.6 µm of retina per degree of scan angle
 LOCALIZER_FIELD_DEG = 30.0  # the localizer field HEYEX assumes when it places B-scans on it

@@ -14,8 +14,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from hrf_batch.errors import ReadError
-from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta
 from hrf_batch.io.hashing import sha256_of_files
+from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta
 
 _HINT = "re-export the series from HEYEX (XML export with its image files) or remove it from the study folder"
 _PATTERNS = {"volume": "volume", "line": "line", "circle": "circle", "radial": "radial", "star": "radial"}

@@ -40,9 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from hrf_batch.errors import ReadError
+from hrf_batch.io.hashing import sha256_of_files
 from hrf_batch.io.readers.raw import read_bytes
 from hrf_batch.io.volume import Spacing, Volume, VolumeMeta
-from hrf_batch.io.hashing import sha256_of_files
 
 log = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ import numpy as np
 
 from hrf_batch.errors import VolumeError
 from hrf_batch.io.readers.heyex_vol import (
+    BSCAN_HEADER_FIXED,
     BSCAN_STRUCT,
+    FILE_HEADER_SIZE,
     FILETIME_EPOCH,
     HEADER_STRUCT,
     OLE_EPOCH,
-    BSCAN_HEADER_FIXED,
-    FILE_HEADER_SIZE,
 )
 from hrf_batch.io.volume import Volume, linear_from_display
 

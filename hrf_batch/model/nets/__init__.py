@@ -12,12 +12,25 @@ from typing import Any, Callable
 from torch import nn
 
 from hrf_batch.model.nets.cct import (
-    CCT, CCT_PRESETS, POOLINGS, POS_EMBEDS, LrpAware, build_cct, conservative, count_parameters,
+    CCT,
+    CCT_PRESETS,
+    POOLINGS,
+    POS_EMBEDS,
+    LrpAware,
+    build_cct,
+    conservative,
+    count_parameters,
     set_lrp_mode,
 )
 from hrf_batch.model.nets.heads import TASKS, Task, get_task
 from hrf_batch.model.nets.mil import (
-    ALEXNET_WEIGHTS_FILE, MIL_PRESETS, MilNet, PretrainedWeightsError, patch_boxes, patch_grid, retina_band,
+    ALEXNET_WEIGHTS_FILE,
+    MIL_PRESETS,
+    MilNet,
+    PretrainedWeightsError,
+    patch_boxes,
+    patch_grid,
+    retina_band,
 )
 
 ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {"cct": CCT, "mil": MilNet}

@@ -33,9 +33,8 @@ Its value differs from the log-odds by at most ln 2.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 import numpy as np
