@@ -12,20 +12,21 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
 from tqdm import tqdm
 
 from hrf_batch.config import Settings
-from hrf_batch.errors import HrfBatchError
+from hrf_batch.errors import HrfBatchError, one_line
 from hrf_batch.io.discover import FileIssue, discover, read_sources
 from hrf_batch.io.volume import Volume
 from hrf_batch.model.classify import Classifier, load_classifier
 from hrf_batch.pipeline import PipelineParams, run_info, run_volume
 from hrf_batch.results import RunInfo
 from hrf_batch.segment import Segmenter, make_segmenter
-from hrf_batch.store import Store, open_store, utc_now
+from hrf_batch.store import Store, StoreError, open_store, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ class IngestSummary:
 
 
 def _process(volume: Volume, ctx: "_Context", summary: IngestSummary, progress: bool) -> None:
+    """Run and store one volume; whatever goes wrong with it is recorded and the study goes on."""
     if ctx.store.find_done_run_for(volume.meta, ctx.key) is not None:
         summary.already_done += 1
         return
@@ -62,22 +64,37 @@ def _process(volume: Volume, ctx: "_Context", summary: IngestSummary, progress: 
     name = Path(volume.meta.source_path).name
     bar = tqdm(total=ctx.params.max_iterations + 1, desc=f"{name} {volume.meta.eye}", unit="step", leave=False,
                disable=not progress)
+    stage = "pipeline"
     try:
-        result = run_volume(volume, ctx.clf, ctx.segmenter, ctx.params, on_step=lambda: bar.update(1), run=ctx.key)
-    except (HrfBatchError, RuntimeError, ValueError, MemoryError) as exc:
-        reason = f"pipeline failed: {type(exc).__name__}: {exc}"
-        log.error("%s: %s", volume.meta.source_path, reason)
-        ctx.store.record_failed_run(volume.meta, ctx.key, reason, n_bscans=volume.n_bscans,
-                                    bscan_shape=volume.bscan_shape, started_at=started)
-        summary.failed += 1
-        summary.failures.append((volume.meta.source_path, reason))
+        with bar:
+            result = run_volume(volume, ctx.clf, ctx.segmenter, ctx.params, on_step=lambda: bar.update(1), run=ctx.key)
+        stage = "storing the results"
+        ctx.store.save_volume_result(result, started_at=started)
+    except Exception as exc:  # one volume's failure, whatever its cause, must not stop the study: recorded below
+        _record_failure(volume, ctx, summary, started, f"{stage} failed: {type(exc).__name__}: {one_line(exc)}", exc)
         return
-    finally:
-        bar.close()
-    ctx.store.save_volume_result(result, started_at=started)
     summary.processed += 1
     summary.hrf_count += result.hrf_count
     summary.bscans += volume.n_bscans
+
+
+def _record_failure(volume: Volume, ctx: "_Context", summary: IngestSummary, started: datetime, reason: str,
+                    exc: Exception) -> None:
+    """A failed run for the volume, or, when even its metadata cannot be stored, an ingest error for
+    its file. Only a database that accepts neither stops the ingest (it raises from here)."""
+    path = volume.meta.source_path
+    if isinstance(exc, HrfBatchError):
+        log.error("%s: %s", path, reason)
+    else:  # not one of ours: a bug or an unforeseen input; keep its traceback in the log
+        log.exception("%s: %s", path, reason)
+    try:
+        ctx.store.record_failed_run(volume.meta, ctx.key, reason, n_bscans=volume.n_bscans,
+                                    bscan_shape=volume.bscan_shape, started_at=started)
+    except StoreError as store_exc:
+        log.error("%s: cannot record the failed run (%s); recording the file instead", path, one_line(store_exc))
+        ctx.store.record_ingest_error(path, reason, "error", summary.batch_id)
+    summary.failed += 1
+    summary.failures.append((path, reason))
 
 
 @dataclass

@@ -136,3 +136,61 @@ def test_sigkill_mid_ingest_then_rerun(tmp_path: Path, tiny_model: Path) -> None
         dupes = con.execute("select volume_pk, count(*) from runs group by volume_pk having count(*) > 1").fetchall()
         status = {r[0] for r in con.execute("select status from runs")}
     assert not dupes and status == {"done"}
+
+
+def test_a_volume_that_fails_anywhere_is_recorded_and_the_study_goes_on(
+        tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in the pipeline (not one of our errors) and a store refusal each cost one volume, not the study."""
+    from hrf_batch import ingest as ingest_mod
+    from hrf_batch.store import Store, StoreError
+
+    study = tmp_path / "s"
+    write_synthetic_study(study, StudySpec(patients=2, visits=1, bscans=2, width=96, height=64, seed=9))
+    real_run, real_save = ingest_mod.run_volume, Store.save_volume_result
+    seen: list[str] = []
+
+    def flaky_run(volume, *args, **kwargs):  # noqa: ANN001, ANN202 - same signature as run_volume
+        seen.append(volume.meta.source_path)
+        if len(seen) == 1:
+            raise KeyError("a bug")
+        return real_run(volume, *args, **kwargs)
+
+    def flaky_save(self, result, **kwargs):  # noqa: ANN001, ANN202 - same signature as save_volume_result
+        if len(seen) == 2:
+            raise StoreError("the database refused these rows", "a hint")
+        return real_save(self, result, **kwargs)
+
+    monkeypatch.setattr(ingest_mod, "run_volume", flaky_run)
+    monkeypatch.setattr(Store, "save_volume_result", flaky_save)
+    db = tmp_path / "db.sqlite"
+    result = CliRunner().invoke(main, ["ingest", str(study), *_args(db, tiny_model)])
+    assert result.exit_code == EXIT_PARTIAL, result.output
+    assert "volumes: 2 processed, 0 already done (skipped), 2 failed" in result.output
+    with sqlite3.connect(db) as con:
+        runs = con.execute("select status, coalesce(error, '') from runs order by id").fetchall()
+    assert [s for s, _ in runs].count("done") == 2 and [s for s, _ in runs].count("failed") == 2
+    errors = sorted(e for s, e in runs if s == "failed")
+    assert errors[0].startswith("pipeline failed: KeyError") and errors[1].startswith("storing the results failed: StoreError")
+    assert "Traceback" in caplog.text  # the bug keeps its traceback in the log
+    again = CliRunner().invoke(main, ["ingest", str(study), *_args(db, tiny_model)])  # a rerun retries only the failures
+    assert "2 processed, 2 already done" in again.output
+
+
+def test_a_volume_whose_metadata_cannot_be_stored_is_recorded_as_a_file_error(
+        tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hrf_batch.store import Store, StoreError
+
+    def refuse(self, *args, **kwargs):  # noqa: ANN001, ANN202 - stands in for the store's writers
+        raise StoreError("value out of range for the volume row", "a hint")
+
+    study = tmp_path / "s"
+    write_synthetic_study(study, StudySpec(patients=1, visits=1, bscans=2, width=96, height=64, seed=9))
+    monkeypatch.setattr(Store, "save_volume_result", refuse)
+    monkeypatch.setattr(Store, "record_failed_run", refuse)
+    db = tmp_path / "db.sqlite"
+    result = CliRunner().invoke(main, ["ingest", str(study), *_args(db, tiny_model)])
+    assert result.exit_code == EXIT_PARTIAL, result.output
+    with sqlite3.connect(db) as con:
+        errors = con.execute("select kind, reason from ingest_errors where kind = 'error'").fetchall()
+        assert con.execute("select count(*) from runs").fetchone()[0] == 0
+    assert len(errors) == 2 and all("storing the results failed: StoreError" in r for _, r in errors)
