@@ -248,3 +248,22 @@ def test_localizer_mapping_and_dot_sizes() -> None:
     np.testing.assert_allclose(px, [[100.0, 100.0], [0.0, 0.0]])
     sizes = dot_sizes(np.array([0.0, 0.5, 1.0, 2.0]), 1.0)
     assert sizes[0] < sizes[1] < sizes[2] == sizes[3]
+
+
+def test_empty_patient_id_is_refused_and_never_means_everyone(sqlite_study, tmp_path: Path) -> None:
+    """`report --patient ""` once put every patient into one PDF; an empty id is refused, and the
+    store's views read with an empty id hold only patients stored without one."""
+    store, _truth = sqlite_study
+    for blank in ("", "  "):
+        with pytest.raises(HrfBatchError, match="patient id is empty"):
+            render_patient_report(store, blank, tmp_path)
+    assert not list(tmp_path.iterdir())
+    assert store.view_rows("hrf_burden_volume", "") == []
+    assert {r.patient_id for r in store.view_rows("hrf_burden_volume")} >= {"P001", "P002"}
+
+
+def test_unknown_patient_lists_close_matches_first(sqlite_study, tmp_path: Path) -> None:
+    store, _truth = sqlite_study
+    with pytest.raises(UnknownPatientError, match="close matches: P001") as info:
+        render_patient_report(store, "P01", tmp_path)
+    assert "P001" in str(info.value)

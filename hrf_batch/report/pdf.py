@@ -40,7 +40,11 @@ class GalleryPick:
 
 
 def find_patient(store: Store, patient_id: str, *, include_identifiers: bool = False) -> PatientRecord:
-    """The patient's record; UnknownPatientError naming the patients that do exist otherwise."""
+    """The patient's record; UnknownPatientError naming the patients that do exist (close matches
+    first) otherwise. An empty or blank id is refused: a report is for one named patient."""
+    if not patient_id.strip():
+        raise ReportError("the patient id is empty", "pass the id as stored, e.g. --patient P012 "
+                          "(`hrf-batch export` lists every patient in hrf_patients.csv)")
     patients = store.list_patients(include_identifiers=include_identifiers)
     for patient in patients:
         if patient.patient_id == patient_id:

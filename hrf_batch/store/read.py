@@ -175,9 +175,10 @@ def view_rows(session: Session, view: str, patient_id: str | None = None) -> lis
         raise StoreError(f"unknown view {view!r}", f"use one of {', '.join(VIEWS)}")
     record = VIEWS[view]
     names = [f.name for f in dataclasses.fields(record)]
-    sql = f"SELECT {', '.join(names)} FROM {view}" + (" WHERE patient_id = :patient_id" if patient_id else "")
+    one = patient_id is not None  # an empty id is an id ('' = stored without one), never "everyone"
+    sql = f"SELECT {', '.join(names)} FROM {view}" + (" WHERE patient_id = :patient_id" if one else "")
     typed = {name: kind for name, kind in _TYPED_COLUMNS.items() if name in names}
-    result = session.execute(text(sql).columns(**typed), {"patient_id": patient_id} if patient_id else {})
+    result = session.execute(text(sql).columns(**typed), {"patient_id": patient_id} if one else {})
     return sorted((record(**row._mapping) for row in result), key=_sort_key)
 
 
