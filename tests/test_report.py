@@ -267,3 +267,22 @@ def test_unknown_patient_lists_close_matches_first(sqlite_study, tmp_path: Path)
     with pytest.raises(UnknownPatientError, match="close matches: P001") as info:
         render_patient_report(store, "P01", tmp_path)
     assert "P001" in str(info.value)
+
+
+def test_export_escapes_cells_a_spreadsheet_would_run(tmp_path: Path) -> None:
+    """A patient id that starts like a formula leaves as text (OWASP CSV injection rule); others are untouched."""
+    volume = make_test_volume(n=3, height=40, width=64)
+    ids = {"=HYPERLINK(\"http://x\",\"y\")": "1", "@SUM(1)": "2", "P012": "3"}
+    with open_store(f"sqlite:///{tmp_path / 'db.sqlite'}") as store:
+        for pid, sha in ids.items():
+            meta = dataclasses.replace(volume.meta, patient_id=pid, source_sha256=sha * 64)
+            labels = np.zeros((volume.n_bscans, *volume.bscan_shape), dtype=np.int16)
+            store.save_volume_result(result_from_truth(dataclasses.replace(volume, meta=meta), labels))
+        paths = export_cohort(store, tmp_path / "out")
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        assert "\n=" not in text and ",=" not in text and "\n@" not in text and ",@" not in text, path.name
+    patients = pd.read_csv(paths[0], dtype=str)["patient_id"].tolist()
+    assert sorted(patients) == sorted(["'=HYPERLINK(\"http://x\",\"y\")", "'@SUM(1)", "P012"])
+    visits = pd.read_csv(tmp_path / "out" / "hrf_visits.csv")
+    assert pd.api.types.is_numeric_dtype(visits["hrf_count"])  # numbers are not touched

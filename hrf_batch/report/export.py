@@ -177,12 +177,25 @@ def _lesion_rows(v: StoredVolume) -> list[dict[str, Any]]:
     return rows
 
 
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Text cells a spreadsheet would run as a formula (=, +, -, @, tab, CR first) get a leading
+    apostrophe (the OWASP rule), so an id like ``=HYPERLINK(...)`` opens as text; numbers stay numbers."""
+    out = frame.copy()
+    for name in out.columns:
+        if out[name].dtype == object or pd.api.types.is_string_dtype(out[name].dtype):
+            out[name] = out[name].map(lambda v: f"'{v}" if isinstance(v, str) and v.startswith(FORMULA_START) else v)
+    return out
+
+
 def _write_csv(frame: pd.DataFrame, path: Path) -> Path:
     """Write via a temporary file, so a failed export never leaves a half-written CSV behind."""
     partial = path.with_name(path.name + ".partial")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(partial, index=False, na_rep="", lineterminator="\n", encoding="utf-8")
+        spreadsheet_safe(frame).to_csv(partial, index=False, na_rep="", lineterminator="\n", encoding="utf-8")
         partial.replace(path)
     except OSError as exc:
         raise ReportError(
