@@ -230,16 +230,19 @@ def _report_iterations(iterations: Sequence[int] | None, params: PipelineParams)
 
 
 def _baseline_rows(vol: Volume, labels: np.ndarray, clf: Classifier, result: VolumeResult | None,
-                   ks: tuple[int, ...]) -> list[dict[str, Any]]:
-    """Per GT-positive B-scan: Dice on the threshold grid, oracle Dice, and the pipeline's Dice."""
+                   ks: tuple[int, ...], tolerance_px: float | None = None) -> list[dict[str, Any]]:
+    """Per GT-positive B-scan: Dice on the threshold grid, oracle Dice, the pipeline's Dice, and,
+    with ``tolerance_px``, the pointing-game result of the same map."""
     idx = _gt_positive(labels)
     maps = _first_relevance(vol, clf, idx, result)
     rows = []
     for i in idx:
         grid, oracle, _ = threshold_dice(maps[i], labels[i])
         pipe = {} if result is None else {k: bscan_scores(result.bscans[i].mask_after(k), labels[i])["dice"] for k in ks}
-        rows.append({"patient": vol.meta.patient_id, "grid": grid, "oracle": oracle, "pipeline": pipe,
-                     "peak_distance": _peak_distance(maps[i], labels[i])})
+        row = {"patient": vol.meta.patient_id, "grid": grid, "oracle": oracle, "pipeline": pipe}
+        if tolerance_px is not None:
+            row["pointing"] = _pointing(maps[i], labels[i], tolerance_px)
+        rows.append(row)
     return rows
 
 
@@ -285,6 +288,7 @@ def evaluate_segmentation(study_dir: Path, clf: Classifier, segmenter: Segmenter
     ``pointing_game`` (:func:`pointing_game` from the same relevance maps, which are computed once).
     ``limit_volumes`` caps the volumes read from each study (evaluation and validation), for quick runs."""
     ks = _report_iterations(iterations_report, params)
+    _check_tolerance(pointing_tolerance_px)
     per_k: dict[int, list[dict[str, float]]] = {k: [] for k in ks}
     rows: list[dict[str, Any]] = []
     issues: list[FileIssue] = []
@@ -294,7 +298,7 @@ def evaluate_segmentation(study_dir: Path, clf: Classifier, segmenter: Segmenter
         n_volumes += 1
         for k in ks:
             per_k[k] += [bscan_scores(b.mask_after(k), labels[b.index], params.min_lesion_px) for b in result.bscans]
-        rows += _baseline_rows(vol, labels, clf, result, ks)
+        rows += _baseline_rows(vol, labels, clf, result, ks, pointing_tolerance_px)
     if n_volumes == 0:
         raise LabelError(f"no readable volume with ground truth in {study_dir}",
                          "check the study folder (see `hrf-batch scan`) or regenerate it")
@@ -304,31 +308,34 @@ def evaluate_segmentation(study_dir: Path, clf: Classifier, segmenter: Segmenter
         "study": str(study_dir), "n_volumes": n_volumes, "n_unreadable": len(issues), "averaging": AVERAGING,
         "iterations_reported": list(ks), **{f"after_{k}": aggregate(per_k[k]) for k in ks},
         "baselines": _baselines(calib, test, info, ks),
-        "pointing_game": _pointing_summary(clf, [r["peak_distance"] for r in rows], pointing_tolerance_px),
+        "pointing_game": _pointing_summary(clf, [r["pointing"] for r in rows], pointing_tolerance_px),
     }
 
 
 # --------------------------------------------------------------------------- pointing game
 
 
-def _peak_distance(relevance: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray]:
-    """Distance (px) from the relevance argmax to the nearest HRF pixel, and the distance map
-    (what a random point would score is read from it)."""
-    dist = ndimage.distance_transform_edt(labels == 0)
-    rel = np.nan_to_num(relevance, nan=-np.inf)
-    return float(dist.flat[int(np.argmax(rel))]), dist
-
-
-def _pointing_summary(clf: Classifier, found: list[tuple[float, np.ndarray]], tolerance_px: float) -> dict[str, Any]:
+def _check_tolerance(tolerance_px: float) -> None:
+    """Checked before any work, so a bad value never costs a study's worth of computing."""
     if tolerance_px < 0:
         raise ValueError(f"tolerance_px must be >= 0, got {tolerance_px}; 0 means on an HRF pixel")
+
+
+def _pointing(relevance: np.ndarray, labels: np.ndarray, tolerance_px: float) -> tuple[float, float]:
+    """Distance (px) from the relevance argmax to the nearest HRF pixel, and the fraction of the
+    B-scan's pixels within ``tolerance_px`` of an HRF (what a random point would score)."""
+    dist = ndimage.distance_transform_edt(labels == 0)
+    rel = np.nan_to_num(relevance, nan=-np.inf)
+    return float(dist.flat[int(np.argmax(rel))]), float((dist <= tolerance_px).mean())
+
+
+def _pointing_summary(clf: Classifier, found: list[tuple[float, float]], tolerance_px: float) -> dict[str, Any]:
     distances = [d for d, _ in found]
     hits = [d <= tolerance_px for d in distances]
-    chance = [float((dist <= tolerance_px).mean()) for _, dist in found]
     return {"model_id": clf.model_id, "tolerance_px": float(tolerance_px), "n_bscans": len(hits),
             "hits": int(sum(hits)), "fraction": _mean([float(h) for h in hits]),
             "median_distance_px": float(np.median(distances)) if distances else float("nan"),
-            "chance": _mean(chance)}
+            "chance": _mean([c for _, c in found])}
 
 
 def pointing_game(study_dir: Path, clf: Classifier, *, tolerance_px: float = 3,
@@ -337,13 +344,12 @@ def pointing_game(study_dir: Path, clf: Classifier, *, tolerance_px: float = 3,
     ``tolerance_px`` of an HRF pixel: does the explanation point where the prompt should go?
     ``chance`` is the mean fraction of pixels within tolerance (what a random point would score).
     :func:`evaluate_segmentation` reports the same from the maps it computes anyway."""
-    if tolerance_px < 0:
-        raise ValueError(f"tolerance_px must be >= 0, got {tolerance_px}; 0 means on an HRF pixel")
+    _check_tolerance(tolerance_px)
     found = []
     for vol, labels in labelled_volumes(study_dir, limit_volumes, progress=progress):
         idx = _gt_positive(labels)
         maps = _first_relevance(vol, clf, idx)
-        found += [_peak_distance(maps[i], labels[i]) for i in idx]
+        found += [_pointing(maps[i], labels[i], tolerance_px) for i in idx]
     return _pointing_summary(clf, found, tolerance_px)
 
 
