@@ -72,6 +72,9 @@ def test_study_folder_has_every_format_and_ground_truth(tmp_path: Path) -> None:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(records) * SPEC.bscans
     assert sum(int(r["hrf_count"]) for r in rows) == sum(sum(r.hrf_counts) for r in records)
+    for r in rows:  # each row's area is its B-scan's HRF pixels in the mask file
+        labels = np.load(tmp_path / r["mask_file"])["labels"][int(r["bscan_index"])]
+        assert int(r["hrf_area_px"]) == int((labels > 0).sum())
 
 
 def test_same_seed_same_study(tmp_path: Path) -> None:

@@ -38,7 +38,8 @@ class GroundTruthVolume:
     format: str
     source: Path
     mask_file: Path
-    hrf_counts: tuple[int, ...]
+    hrf_counts: tuple[int, ...]  # per B-scan
+    hrf_areas_px: tuple[int, ...]  # per B-scan: HRF pixels
 
 
 def manifest_path(study_dir: Path) -> Path:
@@ -57,12 +58,11 @@ def write_manifest(study_dir: Path, records: list[GroundTruthVolume]) -> Path:
         writer = csv.writer(fh)
         writer.writerow(MANIFEST_COLUMNS)
         for rec in records:
-            labels = np.load(rec.mask_file)["labels"]
-            for i, count in enumerate(rec.hrf_counts):
+            for i, (count, area) in enumerate(zip(rec.hrf_counts, rec.hrf_areas_px, strict=True)):
                 writer.writerow([
                     rec.patient_id, rec.visit_date.isoformat(), rec.eye, rec.format,
                     rec.source.relative_to(study_dir).as_posix(), rec.mask_file.relative_to(study_dir).as_posix(),
-                    i, count, int((labels[i] > 0).sum()),
+                    i, count, area,
                 ])
     return path
 
@@ -88,3 +88,8 @@ def load_ground_truth(study_dir: Path, needed_for: str = "this command") -> dict
 def count_labels(labels: np.ndarray) -> np.ndarray:
     """Number of distinct HRF ids per B-scan of an (n, H, W) label volume."""
     return np.array([len(np.unique(lab[lab > 0])) for lab in labels], dtype=int)
+
+
+def label_areas(labels: np.ndarray) -> np.ndarray:
+    """HRF pixels per B-scan of an (n, H, W) label volume."""
+    return (np.asarray(labels) > 0).reshape(len(labels), -1).sum(axis=1)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hrf_batch.io.ground_truth import TRUTH_DIR, GroundTruthVolume, count_labels, write_manifest
+from hrf_batch.io.ground_truth import TRUTH_DIR, GroundTruthVolume, count_labels, label_areas, write_manifest
 from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta
 from hrf_batch.synthetic.fundus import synth_localizer
 from hrf_batch.synthetic.generator_a import synth_volume
@@ -123,6 +123,7 @@ def write_synthetic_study(out_dir: Path, spec: StudySpec) -> list[GroundTruthVol
                 mask_file = truth_dir / f"{stem}_{vol.meta.eye}.npz"
                 np.savez_compressed(mask_file, labels=labels.astype(np.int16))
                 counts = tuple(int(c) for c in count_labels(labels))
-                records.append(GroundTruthVolume(patient, visit, vol.meta.eye, fmt, source, mask_file, counts))
+                areas = tuple(int(a) for a in label_areas(labels))
+                records.append(GroundTruthVolume(patient, visit, vol.meta.eye, fmt, source, mask_file, counts, areas))
     write_manifest(out_dir, records)
     return records
