@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+from conftest import PROJECT_ROOT
+
 SKIPPED_TOP_LEVEL = {"tests", "benchmarks"}  # not part of the package; keeps the copy small
 TIMEOUT_S = 300
 
