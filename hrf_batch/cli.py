@@ -88,6 +88,17 @@ def _format_info(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _guard_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    """The loop's guards as flags (default: the settings', i.e. all on, one peak per iteration)."""
+    func = click.option("--peaks-per-iteration", type=click.IntRange(1, 20),
+                        help="Separated relevance peaks prompted per iteration (default 1, the paper's loop).")(func)
+    func = click.option("--lesion-filter/--no-lesion-filter", default=None,
+                        help="Keep only lesions of HRF size, shape and contrast (default on).")(func)
+    func = click.option("--score-drop-guard/--no-score-drop-guard", default=None,
+                        help="Stop a B-scan when inpainting what was found does not lower its score (default on).")(func)
+    return func
+
+
 @main.command()
 @click.argument("path", type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -203,11 +214,13 @@ def train(ctx: click.Context, study_dir: Path, out_dir: Path, labels: Path | Non
 @click.option("--max-iterations", type=click.IntRange(1, 50), help="Pipeline iterations (default 6).")
 @click.option("--limit-volumes", type=click.IntRange(1), help="Evaluate at most N volumes (quick runs).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_guard_options
 @click.pass_context
 @_friendly
 def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Path | None, device: str | None,
              segmentation: bool, val_study: Path | None, segmenter: str | None, sam2_checkpoint: str | None,
-             max_iterations: int | None, limit_volumes: int | None, as_json: bool) -> None:
+             max_iterations: int | None, limit_volumes: int | None, as_json: bool, score_drop_guard: bool | None,
+             lesion_filter: bool | None, peaks_per_iteration: int | None) -> None:
     """Score a labelled study with a model: AUROC, AP and F1 for HRF presence; with --segmentation
     also Dice, pixel recall/precision and lesion F1 after 1 and N iterations, the global- and
     oracle-threshold baselines, and the pointing game."""
@@ -215,7 +228,8 @@ def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Pat
     from hrf_batch.model.classify import load_classifier
 
     settings = _settings(ctx, model=model, device=device, segmenter=segmenter, sam2_checkpoint=sam2_checkpoint,
-                         max_iterations=max_iterations)
+                         max_iterations=max_iterations, score_drop_guard=score_drop_guard,
+                         lesion_filter=lesion_filter, peaks_per_iteration=peaks_per_iteration)
     clf = load_classifier(settings.model, settings.device, settings.batch_size)
     metrics = evaluate_classifier(clf, _labelled(study_dir, labels))
     report: dict[str, Any] = {"classification": metrics}
@@ -296,6 +310,7 @@ EXIT_PARTIAL = 3
 @click.option("--threshold", type=click.FloatRange(0, 1), help="Decision threshold (default: the model's own).")
 @click.option("--crop-px", type=click.IntRange(50, 100), help="Crop size around the relevance peak (default 75).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@_guard_options
 @click.pass_context
 @_friendly
 def ingest(ctx: click.Context, study_dir: Path, quiet: bool, **flags: Any) -> None:

@@ -32,6 +32,9 @@ class Settings:
     stop_score: float = 0.05
     threshold: float | None = None  # None: the model's own threshold
     min_lesion_px: int = 5
+    score_drop_guard: bool = True  # stop a B-scan when inpainting what was found does not lower its score
+    lesion_filter: bool = True  # keep only lesions of HRF size, shape and contrast
+    peaks_per_iteration: int = 1  # > 1: several separated relevance peaks per iteration
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}
@@ -42,6 +45,15 @@ def _convert(name: str, value: Any, origin: str) -> Any:
     if value is None:
         return None
     kind = _FIELDS[name].type
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise HrfBatchError(f"setting {name} from {origin} is {value!r}, not true or false", f"fix {origin}")
     try:
         if "int" in kind and "float" not in kind:
             return int(value)

@@ -238,7 +238,7 @@ def _fake_relevance(study: Path, where: str) -> Callable[..., Explanation]:
 
     def fake(clf: Classifier, images: np.ndarray, **_: object) -> Explanation:
         maps = np.stack([table[hashlib.sha256(np.ascontiguousarray(i).tobytes()).hexdigest()] for i in images])
-        return Explanation(relevance=maps, logits=np.zeros(len(images)), scores=np.zeros(len(images)))
+        return Explanation(relevance=maps, logits=np.zeros(len(images)), scores=np.zeros(len(images)), log_odds=np.zeros(len(images)))
 
     return fake
 

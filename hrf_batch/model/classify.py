@@ -2,7 +2,8 @@
 
 The model sees full-resolution B-scans normalised with the training set's mean/std; scores are
 the task head's HRF-presence score in [0, 1] (binary: probability; 3-class: 1 − p(no HRF);
-regression: 1 − exp(−count)).
+regression: 1 − exp(−count)), passed through the model's calibration
+(:mod:`hrf_batch.model.calibration`) when it has one, so thresholds are probabilities.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from hrf_batch.model.calibration import Calibration, log_odds
 from hrf_batch.model.files import ModelInfo, load_model, resolve_device
 from hrf_batch.model.nets import Task, get_task
 
@@ -30,6 +32,11 @@ class Classifier:
     @property
     def model_id(self) -> str:
         return self.info.model_id
+
+    @property
+    def calibration(self) -> Calibration:
+        """The score calibration fitted on validation data (identity for uncalibrated models)."""
+        return Calibration.from_dict(self.info.config.calibration)
 
     @property
     def threshold(self) -> float:
@@ -84,7 +91,29 @@ def score_images(model: torch.nn.Module, task_name: str, images: list[np.ndarray
     return out
 
 
-def score_bscans(clf: Classifier, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
-    """HRF-presence scores ``(n,)`` for display-scale B-scans ``(n, H, W)`` (or a list of sizes)."""
+def raw_scores(clf: Classifier, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """Uncalibrated HRF-presence scores ``(n,)`` in float64 (keeps the log-odds of saturated scores)."""
     cfg = clf.info.config
-    return score_images(clf.model, cfg.task, list(images), cfg.norm_mean, cfg.norm_std, clf.device, clf.batch_size)
+    task = clf.task
+    out = np.empty(len(images), dtype=np.float64)
+    with torch.inference_mode():
+        for start in range(0, len(images), clf.batch_size):
+            batch = np.stack(list(images[start : start + clf.batch_size]))
+            logits = clf.model(to_tensor(batch, cfg.norm_mean, cfg.norm_std, clf.device))
+            out[start : start + len(batch)] = task.score(logits.double()).cpu().numpy()
+    return out
+
+
+def presence(clf: Classifier, images: np.ndarray | list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Calibrated HRF-presence probabilities ``(n,)`` and their log-odds (float64, no saturation)
+    for display-scale B-scans of one size ``(n, H, W)``."""
+    raw = raw_scores(clf, images)
+    cal = clf.calibration
+    return cal.apply(raw), cal.apply_logits(log_odds(raw))
+
+
+def score_bscans(clf: Classifier, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
+    """Calibrated HRF-presence scores ``(n,)`` for display-scale B-scans ``(n, H, W)`` (or a list of sizes)."""
+    cfg = clf.info.config
+    raw = score_images(clf.model, cfg.task, list(images), cfg.norm_mean, cfg.norm_std, clf.device, clf.batch_size)
+    return clf.calibration.apply(raw)

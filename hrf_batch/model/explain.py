@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from zennit.core import Composite, Hook, Stabilizer
 
+from hrf_batch.model.calibration import log_odds
 from hrf_batch.model.classify import Classifier, normalise
 from hrf_batch.model.nets import conservative
 
@@ -62,7 +63,8 @@ class Explanation:
 
     relevance: np.ndarray  # float32 (B, H, W) at input resolution; sums to the logit minus bias share
     logits: np.ndarray  # (B,) the explained quantity, task.explain_logit of the same forward
-    scores: np.ndarray  # (B,) HRF-presence score, task.score of the same forward
+    scores: np.ndarray  # (B,) calibrated HRF-presence probability of the same forward
+    log_odds: np.ndarray  # (B,) its log-odds (float64): compares without saturating near 0 and 1
 
 
 # --------------------------------------------------------------------------- layer arithmetic
@@ -361,12 +363,14 @@ class Explainer:
                              "stack single B-scans with images[None]")
         relevance = np.zeros(images.shape, dtype=np.float32)
         logits = np.zeros(len(images), dtype=np.float64)
-        scores = np.zeros(len(images), dtype=np.float32)
+        scores = np.zeros(len(images), dtype=np.float64)
         step = max(1, int(self.clf.batch_size))
         for start in range(0, len(images), step):
             part = slice(start, start + step)
             relevance[part], logits[part], scores[part] = self._explain_batch(images[part])
-        return Explanation(relevance=relevance, logits=logits, scores=scores)
+        cal = self.clf.calibration
+        return Explanation(relevance=relevance, logits=logits, scores=cal.apply(scores),
+                           log_odds=cal.apply_logits(log_odds(scores)))
 
     def _explain_batch(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One forward and one backward for the batch: the gradient of the summed explained logits."""
@@ -378,12 +382,12 @@ class Explainer:
                 out = model(x)
                 explained = task.explain_logit(out)
                 (grad,) = torch.autograd.grad(explained.sum(), x)
-                scores = task.score(out.detach())
+                scores = task.score(out.detach().double())
         finally:  # drop this batch's stored tensors and tensor hooks (the module hooks stay)
             for hook in list(self._composite.hook_refs):
                 hook.remove()
         return (grad[:, 0].float().cpu().numpy(), explained.detach().double().cpu().numpy(),
-                scores.float().cpu().numpy())
+                scores.cpu().numpy())
 
 
 def relevance_maps(clf: Classifier, images: np.ndarray, *, rules: str = "default") -> Explanation:

@@ -28,6 +28,7 @@ from torch import nn
 from hrf_batch import __version__
 from hrf_batch.errors import HrfBatchError
 from hrf_batch.io.hashing import sha256_file
+from hrf_batch.model.calibration import Calibration
 from hrf_batch.model.nets import ARCHITECTURES, TASKS
 
 FORMAT = "hrf-batch-model"
@@ -53,6 +54,7 @@ class ModelConfig:
     preset: str | None = None
     training: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)  # see hrf_batch.model.calibration; {} = none
     created: str = ""
     code_version: str = ""
 
@@ -86,6 +88,11 @@ class ModelConfig:
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (mean, std)) or std <= 0:
             raise ModelFileError(f"norm_mean/norm_std must be finite numbers with std > 0, got {mean!r}/{std!r}",
                                  "record the training set's pixel mean and standard deviation")
+        try:
+            Calibration.from_dict(self.calibration)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise ModelFileError(f"the calibration entry of the model config is not valid: {exc}",
+                                 "retrain or recalibrate the model, or remove the entry to use raw scores") from exc
 
 
 @dataclass(frozen=True)

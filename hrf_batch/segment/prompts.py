@@ -74,6 +74,38 @@ def peak(relevance: np.ndarray, exclude: np.ndarray | None = None) -> tuple[int,
     return int(r), int(c)
 
 
+def peaks(relevance: np.ndarray, exclude: np.ndarray | None = None, k: int = 1, radius_px: float = 10.0,
+          min_fraction: float = 0.25) -> list[tuple[int, int]]:
+    """Up to ``k`` separated relevance peaks, strongest first (non-maximum suppression).
+
+    The first is :func:`peak`; each next one is the largest positive relevance farther than
+    ``radius_px`` from every peak taken, and at least ``min_fraction`` of the first peak's value
+    (weaker maxima are speckle of the map, not foci). Raises ValueError like :func:`peak` when no
+    positive relevance is left.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1 peaks per iteration, got {k}")
+    first = peak(relevance, exclude)
+    out = [first]
+    if k == 1:
+        return out
+    rel = np.asarray(relevance, dtype=np.float64)
+    candidates = np.where(np.isfinite(rel) & (rel > 0), rel, -np.inf)
+    if exclude is not None:
+        candidates[np.asarray(exclude, dtype=bool)] = -np.inf
+    floor = min_fraction * candidates[first]
+    rows, cols = np.ogrid[: rel.shape[0], : rel.shape[1]]
+    for _ in range(k - 1):
+        r, c = out[-1]
+        candidates[(rows - r) ** 2 + (cols - c) ** 2 <= radius_px**2] = -np.inf
+        flat = int(np.argmax(candidates))
+        if not candidates.flat[flat] >= floor or not np.isfinite(candidates.flat[flat]):
+            break
+        nr, nc = np.unravel_index(flat, rel.shape)
+        out.append((int(nr), int(nc)))
+    return out
+
+
 def _window_1d(centre: int, size: int, length: int) -> tuple[int, int]:
     """A window of ``size`` centred on ``centre``, shifted (not shrunk) to fit in ``[0, length)``."""
     if length <= size:

@@ -3,7 +3,8 @@
 Patient-level train/validation split, class-balanced batches of equal-sized B-scans, the paper's
 augmentation, normalisation statistics of the training set stored with the model, AdamW (weight
 decay 0.01) with a OneCycle schedule, validation metrics at every evaluation, the best model kept,
-resumable state. A run that does not take off (validation AUROC below ``takeoff_auroc`` after
+resumable state, and the kept model's scores calibrated on the validation split so its decision
+threshold is the probability 0.5 (:mod:`hrf_batch.model.calibration`). A run that does not take off (validation AUROC below ``takeoff_auroc`` after
 ``takeoff_steps``) is restarted with the next seed: from-scratch transformers on few positives
 sometimes stay at chance, and one restart is cheaper than a user noticing it.
 """
@@ -23,6 +24,7 @@ from tqdm import tqdm
 from hrf_batch.errors import HrfBatchError
 from hrf_batch.evaluation.metrics import best_f1_threshold, presence_metrics
 from hrf_batch.io.labels import LabelledBScans
+from hrf_batch.model.calibration import fit_calibration
 from hrf_batch.model.classify import score_images
 from hrf_batch.model.files import ModelConfig, build_model, resolve_device, save_model
 from hrf_batch.model.nets import PRESETS, get_task
@@ -30,6 +32,7 @@ from hrf_batch.training.augment import augment
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
+CALIBRATED_THRESHOLD = 0.5  # on calibrated probabilities: HRF as likely as not
 
 
 @dataclass(frozen=True)
@@ -190,12 +193,32 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _save_best(run: _Run, cfg: TrainConfig, norm: tuple[float, float], summary: dict[str, Any], out_dir: Path):
+def _calibrate(model: torch.nn.Module, cfg: TrainConfig, val: LabelledBScans, norm: tuple[float, float],
+               device: torch.device, best: dict[str, float]) -> tuple[dict[str, Any], dict[str, float]]:
+    """Fit the score calibration of the kept model on the validation split; the decision threshold
+    becomes 0.5 (HRF as likely as not). Without both classes in validation the scores stay raw and
+    the best-F1 threshold is kept, with a warning."""
+    raw = score_images(model, cfg.task, val.images, *norm, device, cfg.batch_size)
+    try:
+        cal, summary = fit_calibration(raw, val.counts > 0)
+    except ValueError as exc:
+        log.warning("scores left uncalibrated: %s", exc)
+        return {}, best
+    metrics = {**presence_metrics(val.counts, cal.apply(raw), CALIBRATED_THRESHOLD),
+               "step": best["step"], "seed": best["seed"],
+               "uncalibrated_threshold": best["threshold"], "uncalibrated_f1": best["f1"]}
+    return {**cal.to_dict(), "fitted_on": "validation split", **summary}, metrics
+
+
+def _save_best(run: _Run, cfg: TrainConfig, norm: tuple[float, float], summary: dict[str, Any], out_dir: Path,
+               val: LabelledBScans, device: torch.device):
     model = run.attempt.model
     current = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(run.best_state)
+    calibration, metrics = _calibrate(model, cfg, val, norm, device, run.best_metrics)
     config = ModelConfig.for_model(model, norm_mean=norm[0], norm_std=norm[1], preset=cfg.preset,
-                                   training=_json_safe(summary), metrics=_json_safe(run.best_metrics))
+                                   training=_json_safe(summary), metrics=_json_safe(metrics),
+                                   calibration=_json_safe(calibration))
     info = save_model(model, config, out_dir, overwrite=True)
     model.load_state_dict(current)
     return info
@@ -285,4 +308,4 @@ def train_model(data: LabelledBScans, cfg: TrainConfig, out_dir: Path, *, source
     bar.close()
     if run.best_state is None:
         raise HrfBatchError("training ended without a validation result", "use more steps than --eval-every")
-    return _save_best(run, cfg, norm, _summary(cfg, run, train, val, source, device), out_dir)
+    return _save_best(run, cfg, norm, _summary(cfg, run, train, val, source, device), out_dir, val, device)
