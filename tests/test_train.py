@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from pathlib import Path
 
@@ -16,10 +17,10 @@ from hrf_batch.config import load_settings
 from hrf_batch.errors import HrfBatchError, LabelError
 from hrf_batch.evaluation.classification import evaluate_classifier
 from hrf_batch.io.labels import load_csv_labels, load_study_labels
-from hrf_batch.model.classify import load_classifier, score_bscans
+from hrf_batch.model.classify import load_classifier, score_bscans, score_images
 from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 from hrf_batch.training import train as train_mod
-from hrf_batch.training.augment import AugmentConfig, augment
+from hrf_batch.training.augment import IDENTITY, augment
 from hrf_batch.training.train import BalancedBatches, TrainConfig, split_by_patient, train_model
 
 TINY = dict(preset="cct-tiny", batch_size=4, device="cpu", max_lr=3e-3)
@@ -64,9 +65,25 @@ def test_augment_keeps_range_and_identity_is_identity() -> None:
     x = torch.rand(3, 1, 40, 60) * 255
     out = augment(x, torch.Generator().manual_seed(0))
     assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 255
-    ident = AugmentConfig(max_shift_frac=0, flip_p=0, scale=(1, 1), max_rotation_deg=0, gain=(1, 1), gamma=(1, 1))
-    same = augment(x, torch.Generator().manual_seed(0), ident)
+    same = augment(x, torch.Generator().manual_seed(0), IDENTITY)
     assert torch.allclose(same, x, atol=1e-3)
+
+
+def test_augment_moves_each_dimension_it_claims() -> None:
+    img = torch.zeros(1, 1, 64, 64)
+    img[0, 0, 30:34, 30:34] = 200.0  # one focus
+    only = lambda **kw: dataclasses.replace(IDENTITY, **kw)  # noqa: E731
+    wide = augment(img, torch.Generator().manual_seed(0), only(lateral_stretch=(1.6, 1.6)))
+    cols = torch.nonzero(wide[0, 0] > 100)[:, 1]
+    rows = torch.nonzero(wide[0, 0] > 100)[:, 0]
+    assert int(cols.max() - cols.min()) + 1 >= 6 and int(rows.max() - rows.min()) + 1 == 4  # wider, not taller
+    blurred = augment(img, torch.Generator().manual_seed(0), only(blur_p=1.0, blur_sigma=(1.5, 1.5)))
+    assert float(blurred.max()) < 200 and float(blurred[0, 0, 28, 32]) > 0 and float(blurred.sum()) == pytest.approx(float(img.sum()), rel=0.01)
+    flat = torch.full((2, 1, 64, 64), 100.0)
+    noisy = augment(flat, torch.Generator().manual_seed(0), only(noise_p=1.0, noise_std=(10.0, 10.0), noise_grain=(3, 3)))
+    assert 7 < float(noisy.std()) < 13
+    bright = augment(flat, torch.Generator().manual_seed(0), only(gain=(1.5, 1.5), offset=(10.0, 10.0)))
+    assert torch.allclose(bright, torch.full_like(flat, 160.0))
 
 
 @pytest.mark.parametrize("task", ["binary", "3class", "regression"])
@@ -80,11 +97,31 @@ def test_train_saves_best_model_with_training_stats(tmp_path: Path, data, task: 
     assert saved["norm_mean"] == pytest.approx(pixels.mean()) and saved["norm_std"] == pytest.approx(pixels.std())
     assert [h["step"] for h in saved["training"]["history"]] == [3.0, 6.0]
     assert 0.0 <= saved["metrics"]["threshold"] <= 1.0
+    _, val_idx = split_by_patient(data.patients, cfg.val_fraction, cfg.seed)
+    if len(set((data.counts[val_idx] > 0).tolist())) == 2:  # calibration is fitted on the validation split
+        cal = saved["calibration"]
+        assert cal["method"] == "temperature-bias" and cal["nll_after"] <= cal["nll_before"] + 1e-9
+        assert saved["metrics"]["threshold"] == 0.5 and "uncalibrated_threshold" in saved["metrics"]
+    else:  # one class only: scores stay raw and the best-F1 threshold is kept
+        assert saved["calibration"] == {}
     clf = load_classifier(str(tmp_path / "m"), "cpu")
     scores = score_bscans(clf, np.stack(data.images[:4]).astype(np.float32))
     assert scores.shape == (4,) and np.all((scores >= 0) & (scores <= 1))
+    raw = score_images(clf.model, task, list(data.images[:4]), clf.info.config.norm_mean, clf.info.config.norm_std, clf.device)
+    np.testing.assert_allclose(scores, clf.calibration.apply(raw), atol=1e-5)
     metrics = evaluate_classifier(clf, data)
     assert metrics["n"] == len(data) and {"auroc", "ap", "f1"} <= set(metrics)
+
+
+def test_training_calibrates_on_a_validation_split_with_both_classes(tmp_path: Path, data) -> None:
+    seeds = [s for s in range(40) if len(set((data.counts[split_by_patient(data.patients, 0.5, s)[1]] > 0).tolist())) == 2]
+    assert seeds, "the test study has no split whose validation holds both classes"
+    cfg = TrainConfig(steps=4, eval_every=2, val_fraction=0.5, **{**TINY, "seed": seeds[0]})
+    train_model(data, cfg, tmp_path / "m", source="unit", progress=False)
+    saved = json.loads((tmp_path / "m/config.json").read_text())
+    cal = saved["calibration"]
+    assert cal["method"] == "temperature-bias" and cal["temperature"] > 0 and cal["nll_after"] <= cal["nll_before"] + 1e-9
+    assert saved["metrics"]["threshold"] == 0.5 and "uncalibrated_threshold" in saved["metrics"]
 
 
 def test_resume_after_interruption(tmp_path: Path, data, monkeypatch: pytest.MonkeyPatch) -> None:
