@@ -22,6 +22,7 @@ from hrf_batch.evaluation.segmentation import (
     lesion_match,
     pointing_game,
     threshold_dice,
+    volume_count_errors,
 )
 from hrf_batch.io.ground_truth import load_ground_truth
 from hrf_batch.model.classify import Classifier, load_classifier
@@ -273,3 +274,17 @@ def test_evaluation_reports_the_same_pointing_game_from_its_own_maps(study: Path
     answer as computing every map afresh."""
     metrics = evaluate_segmentation(study, clf, make_segmenter("region"), PipelineParams(max_iterations=2))
     assert metrics["pointing_game"] == pointing_game(study, clf)
+
+
+def test_false_hrfs_on_hrf_free_bscans_and_volume_count_errors() -> None:
+    gt = np.zeros((20, 20), int)
+    gt[2:5, 2:5] = 1
+    fp = np.zeros((20, 20), bool)
+    fp[10:13, 10:13] = True
+    fp[15:18, 15:18] = True
+    scores = [bscan_scores(gt > 0, gt), bscan_scores(fp, np.zeros_like(gt)), bscan_scores(np.zeros_like(fp), np.zeros_like(gt))]
+    agg = aggregate(scores)
+    assert agg["n_gt_negative"] == 2 and agg["false_lesions_per_hrf_free_bscan"] == pytest.approx(1.0)
+    vc = volume_count_errors([(3, 1), (0, 2), (4, 0)])
+    assert vc["mean_abs_error"] == pytest.approx(8 / 3) and vc["mean_error"] == pytest.approx(4 / 3)
+    assert vc["n_hrf_free_volumes"] == 1 and vc["max_count_in_hrf_free_volume"] == 4

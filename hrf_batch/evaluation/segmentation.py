@@ -114,6 +114,7 @@ def aggregate(scores: Sequence[dict[str, float]]) -> dict[str, float]:
     """Study-level metrics from :func:`bscan_scores` of every B-scan (averaging in the module doc)."""
     evaluated = [s for s in scores if s["gt_px"] > 0 or s["pred_px"] > 0]
     gt_pos = [s for s in scores if s["gt_px"] > 0]
+    gt_neg = [s for s in scores if s["gt_px"] == 0]
     pred_pos = [s for s in scores if s["pred_px"] > 0]
     total = {k: float(sum(s[k] for s in scores)) for k in
              ("tp_px", "pred_px", "gt_px", "n_pred_lesions", "n_tp_lesions", "n_gt_hrfs", "n_detected_hrfs")}
@@ -129,9 +130,21 @@ def aggregate(scores: Sequence[dict[str, float]]) -> dict[str, float]:
         "recall_pooled": _ratio(total["tp_px"], total["gt_px"]),
         "precision_pooled": _ratio(total["tp_px"], total["pred_px"]),
         "lesion_precision": lesion_p, "lesion_recall": lesion_r, "lesion_f1": _f1(lesion_p, lesion_r),
-        "n_bscans": len(scores), "n_evaluated": len(evaluated), "n_gt_positive": len(gt_pos),
+        "false_lesions_per_hrf_free_bscan": _ratio(sum(s["n_pred_lesions"] for s in gt_neg), len(gt_neg)),
+        "n_gt_negative": len(gt_neg), "n_bscans": len(scores), "n_evaluated": len(evaluated), "n_gt_positive": len(gt_pos),
         "n_pred_positive": len(pred_pos), **{k: int(v) for k, v in total.items()},
     }
+
+
+def volume_count_errors(counts: Sequence[tuple[int, int]]) -> dict[str, float]:
+    """Per-volume HRF counts (found, true) → mean absolute error, mean signed error (over-counting
+    is positive) and the largest count in a volume without HRF: what a study's burden numbers carry."""
+    found = np.array([f for f, _ in counts], dtype=float)
+    true = np.array([t for _, t in counts], dtype=float)
+    free = found[true == 0]
+    return {"n_volumes": len(counts), "mean_abs_error": _mean(np.abs(found - true).tolist()),
+            "mean_error": _mean((found - true).tolist()), "n_hrf_free_volumes": int(free.size),
+            "max_count_in_hrf_free_volume": float(free.max()) if free.size else float("nan")}
 
 
 # --------------------------------------------------------------------------- relevance thresholds
@@ -290,6 +303,7 @@ def evaluate_segmentation(study_dir: Path, clf: Classifier, segmenter: Segmenter
     ks = _report_iterations(iterations_report, params)
     _check_tolerance(pointing_tolerance_px)
     per_k: dict[int, list[dict[str, float]]] = {k: [] for k in ks}
+    counts: list[tuple[int, int]] = []  # (found, true) HRF count per volume, after all iterations
     rows: list[dict[str, Any]] = []
     issues: list[FileIssue] = []
     n_volumes = 0
@@ -298,6 +312,8 @@ def evaluate_segmentation(study_dir: Path, clf: Classifier, segmenter: Segmenter
         n_volumes += 1
         for k in ks:
             per_k[k] += [bscan_scores(b.mask_after(k), labels[b.index], params.min_lesion_px) for b in result.bscans]
+        last = per_k[ks[-1]][-len(result.bscans):]
+        counts.append((sum(s["n_pred_lesions"] for s in last), sum(s["n_gt_hrfs"] for s in last)))
         rows += _baseline_rows(vol, labels, clf, result, ks, pointing_tolerance_px)
     if n_volumes == 0:
         raise LabelError(f"no readable volume with ground truth in {study_dir}",
@@ -307,6 +323,7 @@ def evaluate_segmentation(study_dir: Path, clf: Classifier, segmenter: Segmenter
         "model_id": clf.model_id, "segmenter": segmenter.name, "parameters": run_info(clf, segmenter, params).parameters,
         "study": str(study_dir), "n_volumes": n_volumes, "n_unreadable": len(issues), "averaging": AVERAGING,
         "iterations_reported": list(ks), **{f"after_{k}": aggregate(per_k[k]) for k in ks},
+        "volume_counts": volume_count_errors(counts),
         "baselines": _baselines(calib, test, info, ks),
         "pointing_game": _pointing_summary(clf, [r["pointing"] for r in rows], pointing_tolerance_px),
     }
@@ -393,6 +410,11 @@ def format_segmentation(metrics: dict[str, Any]) -> str:
     lines += ["", "Dice+ = mean Dice over GT-positive B-scans. Baselines: "
               f"{base['n_test_bscans']} GT-positive test B-scans, threshold calibrated on "
               f"{base['n_calibration_bscans']} ({base['calibration']}); pipeline on the same B-scans: {pipe}"]
+    last = metrics[f"after_{ks[-1]}"]
+    vc = metrics["volume_counts"]
+    lines += [f"false HRFs per HRF-free B-scan: {_f(last['false_lesions_per_hrf_free_bscan']).strip()} "
+              f"({last['n_gt_negative']} B-scans); per-volume count error: mean |found - true| "
+              f"{_f(vc['mean_abs_error']).strip()}, mean found - true {_f(vc['mean_error']).strip()} over {vc['n_volumes']} volumes"]
     if "note" in base:
         lines.append(f"note: {base['note']}")
     return "\n".join(lines)
