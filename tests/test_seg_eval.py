@@ -288,3 +288,12 @@ def test_false_hrfs_on_hrf_free_bscans_and_volume_count_errors() -> None:
     vc = volume_count_errors([(3, 1), (0, 2), (4, 0)])
     assert vc["mean_abs_error"] == pytest.approx(8 / 3) and vc["mean_error"] == pytest.approx(4 / 3)
     assert vc["n_hrf_free_volumes"] == 1 and vc["max_count_in_hrf_free_volume"] == 4
+
+
+def test_lesion_recall_on_bscans_with_more_hrfs_than_iterations() -> None:
+    gt = np.zeros((20, 80), int)
+    for i in range(7):
+        gt[5:8, 10 * i + 2 : 10 * i + 5] = i + 1
+    pred = np.isin(gt, [1, 2, 3])
+    agg = aggregate([bscan_scores(pred, gt), bscan_scores(gt == 1, (gt == 1).astype(int))])
+    assert agg["n_heavy_bscans"] == 1 and agg["lesion_recall_heavy"] == pytest.approx(3 / 7)

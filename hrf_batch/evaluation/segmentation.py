@@ -51,6 +51,7 @@ from hrf_batch.segment.lesions import components, lesion_labels
 
 log = logging.getLogger(__name__)
 
+HEAVY_HRFS = 6  # B-scans with more HRFs than the paper's iterations: what several peaks per iteration are for
 THRESHOLD_GRID = np.geomspace(1e-3, 1.0, 61)  # on relevance / max positive relevance of the map
 AVERAGING = ("Dice: mean over B-scans with a GT HRF or a prediction; recall: over GT-positive B-scans; "
              "precision: over B-scans with a prediction; lesions pooled over the study")
@@ -115,6 +116,7 @@ def aggregate(scores: Sequence[dict[str, float]]) -> dict[str, float]:
     evaluated = [s for s in scores if s["gt_px"] > 0 or s["pred_px"] > 0]
     gt_pos = [s for s in scores if s["gt_px"] > 0]
     gt_neg = [s for s in scores if s["gt_px"] == 0]
+    heavy = [s for s in scores if s["n_gt_hrfs"] > HEAVY_HRFS]
     pred_pos = [s for s in scores if s["pred_px"] > 0]
     total = {k: float(sum(s[k] for s in scores)) for k in
              ("tp_px", "pred_px", "gt_px", "n_pred_lesions", "n_tp_lesions", "n_gt_hrfs", "n_detected_hrfs")}
@@ -131,7 +133,9 @@ def aggregate(scores: Sequence[dict[str, float]]) -> dict[str, float]:
         "precision_pooled": _ratio(total["tp_px"], total["pred_px"]),
         "lesion_precision": lesion_p, "lesion_recall": lesion_r, "lesion_f1": _f1(lesion_p, lesion_r),
         "false_lesions_per_hrf_free_bscan": _ratio(sum(s["n_pred_lesions"] for s in gt_neg), len(gt_neg)),
-        "n_gt_negative": len(gt_neg), "n_bscans": len(scores), "n_evaluated": len(evaluated), "n_gt_positive": len(gt_pos),
+        "n_gt_negative": len(gt_neg), "n_bscans": len(scores),
+        "lesion_recall_heavy": _ratio(sum(s["n_detected_hrfs"] for s in heavy), sum(s["n_gt_hrfs"] for s in heavy)),
+        "n_heavy_bscans": len(heavy), "n_evaluated": len(evaluated), "n_gt_positive": len(gt_pos),
         "n_pred_positive": len(pred_pos), **{k: int(v) for k, v in total.items()},
     }
 
@@ -307,9 +311,12 @@ def evaluate_segmentation(study_dir: Path, clf: Classifier, segmenter: Segmenter
     rows: list[dict[str, Any]] = []
     issues: list[FileIssue] = []
     n_volumes = 0
+    seconds: dict[str, float] = {}
     for vol, labels in labelled_volumes(study_dir, limit_volumes, progress=progress, issues=issues):
         result = run_volume(vol, clf, segmenter, params)
         n_volumes += 1
+        for stage, t in result.run.seconds.items():
+            seconds[stage] = seconds.get(stage, 0.0) + t
         for k in ks:
             per_k[k] += [bscan_scores(b.mask_after(k), labels[b.index], params.min_lesion_px) for b in result.bscans]
         last = per_k[ks[-1]][-len(result.bscans):]
@@ -323,7 +330,7 @@ def evaluate_segmentation(study_dir: Path, clf: Classifier, segmenter: Segmenter
         "model_id": clf.model_id, "segmenter": segmenter.name, "parameters": run_info(clf, segmenter, params).parameters,
         "study": str(study_dir), "n_volumes": n_volumes, "n_unreadable": len(issues), "averaging": AVERAGING,
         "iterations_reported": list(ks), **{f"after_{k}": aggregate(per_k[k]) for k in ks},
-        "volume_counts": volume_count_errors(counts),
+        "volume_counts": volume_count_errors(counts), "pipeline_seconds": seconds,
         "baselines": _baselines(calib, test, info, ks),
         "pointing_game": _pointing_summary(clf, [r["pointing"] for r in rows], pointing_tolerance_px),
     }
