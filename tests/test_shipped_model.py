@@ -14,7 +14,7 @@ from hrf_batch.io.labels import load_study_labels
 from hrf_batch.io.readers import read_volume
 from hrf_batch.model.catalog import list_models
 from hrf_batch.model.classify import load_classifier, score_bscans
-from hrf_batch.pipeline import PipelineParams
+from hrf_batch.pipeline import PipelineParams, run_volume
 from hrf_batch.segment import make_segmenter
 from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 
@@ -44,6 +44,13 @@ def test_healthy_real_bscans_score_below_threshold(clf, fixtures_dir: Path, name
     vol = read_volume(fixtures_dir / "spectralis-raw-data" / name)
     scores = score_bscans(clf, vol.bscans)
     assert (scores < clf.threshold).all(), f"{name}: {scores} vs threshold {clf.threshold:.3f}"
+
+
+@pytest.mark.parametrize("name", ["Willis_B_716_0.vol", "Willis_B_716_2.vol", "valid.vol"])
+def test_healthy_real_bscans_get_no_hrf_from_the_default_pipeline(clf, fixtures_dir: Path, name: str) -> None:
+    vol = read_volume(fixtures_dir / "spectralis-raw-data" / name)
+    result = run_volume(vol, clf, make_segmenter("region"), PipelineParams())
+    assert result.hrf_count == 0, [b.scores for b in result.bscans]
 
 
 def test_detects_hrf_on_a_fresh_synthetic_study(clf, fresh_study: Path) -> None:
