@@ -1,15 +1,20 @@
-"""Generator B: contract shared with generator A, clinical HRF rules, decoys, anatomy."""
+"""Generator B: contract shared with generator A, clinical HRF rules, decoys, anatomy, study writer."""
 
 from __future__ import annotations
 
 import ast
+from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
+from hrf_batch.io.discover import discover, read_sources
+from hrf_batch.io.readers import read_volumes
+from hrf_batch.io.volume import Volume
 from hrf_batch.synthetic import generator_b as gb
+from hrf_batch.synthetic.study import FORMAT_CYCLE, StudySpec, synthetic_volume, write_format
 
 KIND = {name: code for code, name in gb.DECOY_KINDS.items()}
 
@@ -170,6 +175,10 @@ def test_sizes_outside_the_layout_are_refused() -> None:
         gb.synth_bscan(np.random.default_rng(0), height=496, width=128)
     with pytest.raises(ValueError, match="height 256..1024"):
         gb.synth_volume(np.random.default_rng(0), 2, height=2000, width=512)
+    with pytest.raises(ValueError, match="unknown synthetic generator 'c'"):
+        StudySpec(generator="c")
+    with pytest.raises(ValueError, match="generator b needs"):
+        StudySpec(generator="b", width=96, height=64)
 
 
 def test_module_does_not_import_generator_a() -> None:
@@ -177,3 +186,22 @@ def test_module_does_not_import_generator_a() -> None:
     names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     names += [f"{n.module}.{a.name}" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names]
     assert names and not [n for n in names if "generator_a" in n or n.startswith("hrf_batch")]
+
+
+def _read_back(fmt: str, sources: list[Path]) -> list[Volume]:
+    if fmt == "dicom-oct":
+        return [v for s in sources for v in read_sources(discover(s).sources) if isinstance(v, Volume)]
+    return read_volumes(sources[0]) if fmt == "heyex-e2e" else [read_volumes(s)[0] for s in sources]
+
+
+@pytest.mark.parametrize("fmt", FORMAT_CYCLE)
+def test_every_format_carries_the_widest_bscans(tmp_path: Path, fmt: str) -> None:
+    spec = StudySpec(bscans=2, height=256, generator="b", widths=(1536,))
+    rng = np.random.default_rng(8)
+    written = [synthetic_volume(rng, spec, "P001", date(2024, 1, 2), eye, 0.5, datetime(2024, 1, 2, 9), 1536)[0]
+               for eye in ("OD", "OS")]
+    back = sorted(_read_back(fmt, write_format(fmt, written, tmp_path, "P001_2024-01-02")), key=lambda v: v.meta.eye)
+    for w, r in zip(written, back, strict=True):
+        assert r.bscans.shape == (2, 256, 1536)
+        assert np.abs(r.bscans - w.bscans).max() <= 1.0
+        assert r.meta.spacing.lateral_mm == pytest.approx(6.0 / 1536, rel=1e-3)

@@ -9,7 +9,8 @@ Layout::
     OUT/ground_truth/P001_2023-01-10_OD.npz             HRF label masks (n, H, W), one id per HRF
     OUT/ground_truth/manifest.csv                       one row per B-scan: HRF count and area
 
-The ground-truth layout is defined (and read back) by :mod:`hrf_batch.io.ground_truth`.
+The ground-truth layout is defined (and read back) by :mod:`hrf_batch.io.ground_truth`. The B-scans
+come from generator a or b (``StudySpec.generator``); ``StudySpec.widths`` mixes B-scan widths.
 """
 
 from __future__ import annotations
@@ -22,10 +23,11 @@ import numpy as np
 
 from hrf_batch.io.ground_truth import TRUTH_DIR, GroundTruthVolume, count_labels, label_areas, write_manifest
 from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta
+from hrf_batch.synthetic import generator_a, generator_b
 from hrf_batch.synthetic.fundus import synth_localizer
-from hrf_batch.synthetic.generator_a import synth_volume
 
 FORMAT_CYCLE = ("heyex-vol", "dicom-oct", "heyex-xml", "heyex-e2e")
+GENERATORS = {"a": generator_a.synth_volume, "b": generator_b.synth_volume}
 _AXIAL_MM = 0.00387
 _SCAN_WIDTH_MM = 6.0
 _SCAN_HEIGHT_MM = 5.8
@@ -41,6 +43,17 @@ class StudySpec:
     width: int = 512
     height: int = 496
     seed: int = 0
+    generator: str = "a"            # which B-scan generator (see GENERATORS)
+    widths: tuple[int, ...] = ()    # when given, each visit draws its B-scan width from these
+
+    def __post_init__(self) -> None:
+        if self.generator not in GENERATORS:
+            raise ValueError(f"unknown synthetic generator {self.generator!r}: choose one of {', '.join(GENERATORS)}")
+        if any(int(w) < 16 for w in self.widths):
+            raise ValueError(f"every width must be at least 16 pixels, got {self.widths}")
+        if self.generator == "b":  # fail before any file is written
+            for w in self.widths or (self.width,):
+                generator_b.check_size(self.height, w)
 
 
 def _positions(n: int, width: int, lateral: float, field_mm: float) -> tuple[BScanPosition, ...]:
@@ -51,13 +64,17 @@ def _positions(n: int, width: int, lateral: float, field_mm: float) -> tuple[BSc
     return tuple(BScanPosition((x0, y_first - i * step), (x0 + width * lateral, y_first - i * step)) for i in range(n))
 
 
-def synthetic_volume(rng: np.random.Generator, spec: StudySpec, patient: str, visit: date, eye: str, burden: float, when: datetime) -> tuple[Volume, np.ndarray]:
-    """One synthetic volume with consistent metadata, and its HRF labels (n, H, W)."""
-    images, labels = synth_volume(rng, n_bscans=spec.bscans, height=spec.height, width=spec.width, hrf_prevalence=burden)
+def synthetic_volume(rng: np.random.Generator, spec: StudySpec, patient: str, visit: date, eye: str, burden: float,
+                     when: datetime, width: int | None = None) -> tuple[Volume, np.ndarray]:
+    """One synthetic volume with consistent metadata, and its HRF labels (n, H, W); ``width``
+    overrides ``spec.width`` (visits of a study with several widths)."""
+    width = spec.width if width is None else int(width)
+    images, labels = GENERATORS[spec.generator](rng, n_bscans=spec.bscans, height=spec.height, width=width,
+                                                hrf_prevalence=burden)
     if eye == "OS":  # a left eye is the mirror image of a right one
         images, labels = images[:, :, ::-1].copy(), labels[:, :, ::-1].copy()
-    lateral = _SCAN_WIDTH_MM / spec.width
-    loc_size = 768 if spec.width >= 384 else 2 * spec.width
+    lateral = _SCAN_WIDTH_MM / width
+    loc_size = 768 if width >= 384 else 2 * width
     loc_spacing = max(0.01182, 1.6 * max(_SCAN_WIDTH_MM, _SCAN_HEIGHT_MM) / loc_size)
     localizer = synth_localizer(rng, size=loc_size)
     if eye == "OS":
@@ -67,7 +84,7 @@ def synthetic_volume(rng: np.random.Generator, spec: StudySpec, patient: str, vi
         source_path="", source_sha256="", source_format="heyex-vol", series_uid=f"{patient}{visit:%y%m%d}{eye}",
         patient_id=patient, eye=eye, visit_date=visit, acquired_at=when, device="Heidelberg Engineering Spectralis",
         scan_pattern="volume" if spec.bscans > 1 else "line", spacing=Spacing(lateral, _AXIAL_MM, between),
-        positions=_positions(spec.bscans, spec.width, lateral, loc_size * loc_spacing),
+        positions=_positions(spec.bscans, width, lateral, loc_size * loc_spacing),
         localizer_spacing_mm=(loc_spacing, loc_spacing), birth_date=date(1940, 1, 1) + timedelta(days=int(rng.integers(0, 9000))),
         patient_name=f"Synthetic {patient}",
     )
@@ -103,6 +120,7 @@ def write_synthetic_study(out_dir: Path, spec: StudySpec) -> list[GroundTruthVol
     truth_dir = out_dir / TRUTH_DIR
     truth_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(spec.seed)
+    width_rng = np.random.default_rng([spec.seed, 1])  # own stream: listing widths leaves `rng`'s sequence as it was
     records: list[GroundTruthVolume] = []
     k = 0
     for p in range(spec.patients):
@@ -114,8 +132,9 @@ def write_synthetic_study(out_dir: Path, spec: StudySpec) -> list[GroundTruthVol
             stem = f"{patient}_{visit:%Y-%m-%d}"
             fmt = FORMAT_CYCLE[k % len(FORMAT_CYCLE)]
             k += 1
+            width = int(width_rng.choice(spec.widths)) if spec.widths else spec.width  # both eyes: one e2e file
             pairs = [
-                synthetic_volume(rng, spec, patient, visit, eye, min(0.9, burden * (1 + 0.5 * v)), datetime.combine(visit, datetime.min.time()) + timedelta(hours=9, minutes=5 * i))
+                synthetic_volume(rng, spec, patient, visit, eye, min(0.9, burden * (1 + 0.5 * v)), datetime.combine(visit, datetime.min.time()) + timedelta(hours=9, minutes=5 * i), width)
                 for i, eye in enumerate(("OD", "OS"))
             ]
             sources = write_format(fmt, [vol for vol, _ in pairs], out_dir / patient / f"{visit:%Y-%m-%d}", stem)
