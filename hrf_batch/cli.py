@@ -137,6 +137,22 @@ def scan(study_dir: Path, as_json: bool) -> None:
     click.echo(f"{report['n_volumes']} volumes, {report['n_errors']} unreadable, {report['n_skipped']} skipped")
 
 
+def _parse_widths(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[int, ...]:
+    """``--widths 512,768``: a comma list of whole numbers 32..2048 (empty: use --width)."""
+    if value is None or not value.strip():
+        return ()
+    widths = []
+    for part in value.split(","):
+        try:
+            w = int(part.strip())
+        except ValueError as exc:
+            raise click.BadParameter(f"{part.strip()!r} is not a whole number; give widths like 512,768,1024") from exc
+        if not 32 <= w <= 2048:
+            raise click.BadParameter(f"width {w} is outside 32..2048 pixels")
+        widths.append(w)
+    return tuple(widths)
+
+
 @main.command()
 @click.argument("out_dir", type=click.Path(path_type=Path))
 @click.option("--patients", default=3, show_default=True, type=click.IntRange(1, 999), help="Number of patients.")
@@ -145,12 +161,21 @@ def scan(study_dir: Path, as_json: bool) -> None:
 @click.option("--width", default=512, show_default=True, type=click.IntRange(32, 2048), help="A-scans per B-scan.")
 @click.option("--height", default=496, show_default=True, type=click.IntRange(32, 2048), help="Pixels per A-scan.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same study).")
+@click.option("--generator", type=click.Choice(["a", "b"]), default="a", show_default=True,
+              help="B-scan generator: a, or b (independent look, wide randomisation; 256..1536 x 256..1024 px).")
+@click.option("--widths", callback=_parse_widths, metavar="W1,W2,...",
+              help="B-scan widths each visit draws from, e.g. 512,768,1024,1536 (instead of --width).")
 @_friendly
-def synth(out_dir: Path, patients: int, visits: int, bscans: int, width: int, height: int, seed: int) -> None:
+def synth(out_dir: Path, patients: int, visits: int, bscans: int, width: int, height: int, seed: int, generator: str,
+          widths: tuple[int, ...]) -> None:
     """Write a synthetic study (both eyes, every supported format) with HRF ground truth beside it."""
     from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 
-    spec = StudySpec(patients=patients, visits=visits, bscans=bscans, width=width, height=height, seed=seed)
+    try:
+        spec = StudySpec(patients=patients, visits=visits, bscans=bscans, width=width, height=height, seed=seed,
+                         generator=generator, widths=widths)
+    except ValueError as exc:  # sizes generator b cannot lay out
+        raise click.UsageError(str(exc)) from exc
     manifest = write_synthetic_study(out_dir, spec)
     click.echo(
         f"wrote {len(manifest)} volumes for {patients} patients to {out_dir} "

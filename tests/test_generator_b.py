@@ -1,15 +1,19 @@
-"""Generator B: contract shared with generator A, clinical HRF rules, decoys, anatomy, study writer."""
+"""Generator B: contract shared with generator A, clinical HRF rules, decoys, anatomy, study writer and CLI."""
 
 from __future__ import annotations
 
 import ast
+import csv
+import json
 from datetime import date, datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from scipy import ndimage as ndi
 
+from hrf_batch.cli import main
 from hrf_batch.io.discover import discover, read_sources
 from hrf_batch.io.readers import read_volumes
 from hrf_batch.io.volume import Volume
@@ -205,3 +209,39 @@ def test_every_format_carries_the_widest_bscans(tmp_path: Path, fmt: str) -> Non
         assert r.bscans.shape == (2, 256, 1536)
         assert np.abs(r.bscans - w.bscans).max() <= 1.0
         assert r.meta.spacing.lateral_mm == pytest.approx(6.0 / 1536, rel=1e-3)
+
+
+def test_synth_command_with_generator_b_and_widths(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    runner = CliRunner()
+    result = runner.invoke(main, ["synth", str(out), "--generator", "b", "--patients", "2", "--visits", "1", "--bscans", "3",
+                                  "--height", "256", "--widths", "256,384", "--seed", "2"])
+    assert result.exit_code == 0, result.output
+    with open(out / "ground_truth" / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 2 * 2 * 3
+    widths = {}
+    for r in rows:  # the manifest's counts and areas are those of the label files
+        labels = np.load(out / r["mask_file"])["labels"]
+        widths[(r["patient_id"], r["visit_date"], r["eye"])] = labels.shape[2]
+        lab = labels[int(r["bscan_index"])]
+        assert int(r["hrf_count"]) == len(np.unique(lab[lab > 0]))
+        assert int(r["hrf_area_px"]) == int((lab > 0).sum())
+    scanned = runner.invoke(main, ["scan", str(out), "--json"])
+    assert scanned.exit_code == 0, scanned.output
+    report = json.loads(scanned.output)
+    assert report["n_volumes"] == 4 and report["n_errors"] == 0
+    read = {(v["patient_id"], v["visit_date"], v["eye"]): vol["bscan_width"] for v in report["visits"] for vol in v["volumes"]}
+    assert read == widths and set(widths.values()) <= {256, 384}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--widths", "512,abc"], "'abc' is not a whole number"),
+    (["--widths", "512,9000"], "outside 32..2048"),
+    (["--generator", "b", "--width", "64", "--height", "48"], "generator b needs height 256..1024"),
+    (["--generator", "z"], "'z' is not one of"),
+])
+def test_synth_command_refuses_bad_options(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["synth", str(tmp_path / "s"), *args])
+    assert result.exit_code == 2 and message in result.output
+    assert not (tmp_path / "s").exists()
