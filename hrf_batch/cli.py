@@ -190,7 +190,7 @@ def _labelled(study_dir: Path, labels: Path | None) -> LabelledBScans:
 
 
 @main.command()
-@click.argument("study_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("study_dirs", nargs=-1, required=True, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False), help="Model folder to write.")
 @click.option("--labels", type=click.Path(path_type=Path, dir_okay=False), help="CSV: file, bscan_index, count|label[, eye]. Default: the study's ground_truth/manifest.csv.")
 @click.option("--preset", default="cct-small", show_default=True, help="Architecture preset (see `hrf-batch models --presets`).")
@@ -206,19 +206,24 @@ def _labelled(study_dir: Path, labels: Path | None) -> LabelledBScans:
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt.")
 @click.pass_context
 @_friendly
-def train(ctx: click.Context, study_dir: Path, out_dir: Path, labels: Path | None, preset: str, task: str, steps: int,
-          batch_size: int, max_lr: float, eval_every: int, val_fraction: float, seed: int, device: str | None,
-          alexnet_weights: Path | None, resume: bool) -> None:
-    """Train a B-scan classifier from image-level labels; the best model by validation AUROC is kept."""
+def train(ctx: click.Context, study_dirs: tuple[Path, ...], out_dir: Path, labels: Path | None, preset: str, task: str,
+          steps: int, batch_size: int, max_lr: float, eval_every: int, val_fraction: float, seed: int,
+          device: str | None, alexnet_weights: Path | None, resume: bool) -> None:
+    """Train a B-scan classifier from image-level labels of one or more studies (patients kept
+    apart per study); the best model by validation AUROC is kept and its scores calibrated."""
+    from hrf_batch.io.labels import combine
     from hrf_batch.training.train import TrainConfig, train_model
 
+    if labels is not None and len(study_dirs) > 1:
+        raise click.UsageError("--labels describes one study; train on one study with it, or drop --labels to use "
+                               "each study's ground truth")
     settings = _settings(ctx, device=device)
-    data = _labelled(study_dir, labels)
+    data = combine([(d.resolve().name, _labelled(d, labels)) for d in study_dirs])
     cfg = TrainConfig(preset=preset, task=task, steps=steps, batch_size=batch_size, max_lr=max_lr, eval_every=eval_every,
                       val_fraction=val_fraction, seed=seed, device=settings.device,
                       alexnet_weights=str(alexnet_weights) if alexnet_weights else None,
                       takeoff_steps=min(300, steps // 2))
-    info = train_model(data, cfg, out_dir, source=str(study_dir), resume=resume)
+    info = train_model(data, cfg, out_dir, source=", ".join(str(d) for d in study_dirs), resume=resume)
     m = info.config.metrics
     def num(key: str) -> str:
         return f"{m[key]:.3f}" if isinstance(m.get(key), (int, float)) else "undefined"

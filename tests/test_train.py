@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 import dataclasses
 import json
 from pathlib import Path
@@ -16,7 +17,7 @@ from hrf_batch.cli import main
 from hrf_batch.config import load_settings
 from hrf_batch.errors import HrfBatchError, LabelError
 from hrf_batch.evaluation.classification import evaluate_classifier
-from hrf_batch.io.labels import load_csv_labels, load_study_labels
+from hrf_batch.io.labels import combine, load_csv_labels, load_study_labels
 from hrf_batch.model.classify import load_classifier, score_bscans, score_images
 from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 from hrf_batch.training import train as train_mod
@@ -199,3 +200,30 @@ def test_train_and_evaluate_commands(tmp_path: Path, study: Path) -> None:
     assert metrics["n"] == 24 and metrics["model_id"].startswith("cct-")
     missing = runner.invoke(main, ["evaluate", str(study), "--model", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and "model folder not found" in missing.output
+
+
+def test_studies_combine_with_patients_kept_apart(data) -> None:
+    both = combine([("gen_a", data), ("gen_b", data)])
+    assert len(both) == 2 * len(data) and both.counts.sum() == 2 * data.counts.sum()
+    assert {p.split("/")[0] for p in both.patients.tolist()} == {"gen_a", "gen_b"}
+    train_idx, val_idx = split_by_patient(both.patients, 0.5, 0)
+    assert not set(both.patients[train_idx].tolist()) & set(both.patients[val_idx].tolist())
+    assert len(set(both.patients.tolist())) == 2 * len(set(data.patients.tolist()))
+    with pytest.raises(LabelError, match="same folder name"):
+        combine([("s", data), ("s", data)])
+
+
+def test_train_command_takes_several_studies(tmp_path: Path, study: Path) -> None:
+    other = tmp_path / "second_study"
+    shutil.copytree(study, other)
+    runner = CliRunner()
+    out = tmp_path / "model"
+    args = ["train", str(study), str(other), "--out", str(out), "--preset", "cct-tiny", "--steps", "2",
+            "--eval-every", "2", "--batch-size", "4", "--device", "cpu"]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["training"]["data"]["n_train"] + saved["training"]["data"]["n_val"] == 48
+    assert str(other) in saved["training"]["source"] and str(study) in saved["training"]["source"]
+    refused = runner.invoke(main, [*args, "--labels", str(tmp_path / "labels.csv")])
+    assert refused.exit_code == 2 and "--labels describes one study" in refused.output

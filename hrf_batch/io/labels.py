@@ -47,6 +47,26 @@ class LabelledBScans:
         )
 
 
+def combine(parts: list[tuple[str, LabelledBScans]]) -> LabelledBScans:
+    """Several labelled studies as one training set. Patient ids are prefixed with the study's name
+    (``name/P001``), so two studies that both number their patients P001.. never share a patient
+    across the train/validation split."""
+    if len(parts) == 1:
+        return parts[0][1]
+    names = [name for name, _ in parts]
+    if len(set(names)) != len(names):
+        raise LabelError(f"studies with the same folder name {sorted(names)} cannot be told apart",
+                         "rename one of the study folders")
+    have_masks = all(d.masks is not None for _, d in parts)
+    return LabelledBScans(
+        images=[img for _, d in parts for img in d.images],
+        counts=np.concatenate([d.counts for _, d in parts]),
+        patients=np.concatenate([np.char.add(f"{name}/", d.patients.astype(str)) for name, d in parts]),
+        masks=[m for _, d in parts for m in d.masks] if have_masks else None,  # type: ignore[union-attr]
+        keys=[k for _, d in parts for k in (d.keys or [""] * len(d))],
+    )
+
+
 def _as_uint8(bscans: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(bscans), 0, 255).astype(np.uint8)
 
