@@ -10,17 +10,41 @@ first B-scan of the file, and ``positions[i]`` says where B-scan ``i`` lies on t
 from __future__ import annotations
 
 import dataclasses
+import logging
+import math
 from dataclasses import dataclass, field
 from datetime import date, datetime
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hrf_batch.errors import VolumeError
+from hrf_batch.errors import ReadError, VolumeError
+
+log = logging.getLogger(__name__)
 
 EYES = ("OD", "OS", "unknown")
 SCAN_PATTERNS = ("volume", "line", "circle", "radial", "unknown")
 FORMATS = ("heyex-vol", "heyex-e2e", "heyex-xml", "dicom-oct", "topcon-fds")
+
+# What a file may declare before anything is allocated or decoded. Damaged headers claim sizes such as
+# 65535 x 65535 x 100000 DICOM frames or 12000 x 12000 TIFFs, which would exhaust memory long before any
+# other check runs. The clinical exports we know of stay below 1600 pixels per B-scan side and 1024
+# B-scans per volume, and localizers below about 4100 pixels per side; the limits leave about twice that
+# room for research devices. There is no lower limit beyond "not empty": small B-scans cannot exhaust
+# memory, and the real minimised Topcon fixture has B-scans of 3 x 2 pixels.
+MAX_BSCAN_SIDE = 4096
+MAX_BSCANS = 2048
+MAX_LOCALIZER_SIDE = 8192
+# Bytes of one volume as the readers return it (float32 B-scans plus the localizer): 4 GiB is e.g. 1024
+# B-scans of 1024 x 1024 pixels, while a 49 x 496 x 1024 Spectralis volume takes under 100 MiB. A header
+# that needs more is refused before reading, so one bad file cannot take the memory the study needs.
+MAX_VOLUME_BYTES = 4 * 2**30
+# Any examination or birth date outside this range is a damaged field, while device clocks that were
+# reset (1970, 2000) stay inside it and are kept.
+EARLIEST_DATE = date(1900, 1, 1)
+LATEST_DATE = date(2099, 12, 31)
+_DAMAGED_HINT = "the file is damaged: export the scan again from the device software, or remove it from the study folder"
 
 
 @dataclass(frozen=True)
@@ -123,6 +147,107 @@ def linear_from_display(display: np.ndarray) -> np.ndarray:
     """Inverse of :func:`display_from_linear` for writers: 0..255 display scale to linear reflectivity."""
     t = np.clip(np.asarray(display, dtype=np.float64), 0.0, 255.0) / 255.0
     return np.maximum(np.exp(t * 8.285 - 8.3) - 2.44e-4, 0.0).astype(np.float32)
+
+
+def count_non_finite(values: np.ndarray) -> int:
+    """How many values are NaN or infinite: one cheap pass when there are none, the usual case."""
+    if np.isfinite(np.sum(values, dtype=np.float64)):
+        return 0
+    return int(values.size - np.count_nonzero(np.isfinite(values)))
+
+
+def _gib(n_bytes: int) -> str:
+    return f"{n_bytes / 2**30:.1f} GiB"
+
+
+def check_declared_size(
+    path: Path | str, n_bscans: int, height: int, width: int, *, localizer_pixels: int = 0, hint: str = _DAMAGED_HINT
+) -> None:
+    """Refuse sizes no real OCT volume has, from the header alone, before any pixel is allocated or decoded.
+
+    A damaged header must end as one error record, not as a MemoryError or a machine that swaps while
+    the rest of the study waits.
+    """
+    shape = f"{n_bscans} B-scans of {height}x{width} pixels"
+    if n_bscans < 1 or height < 1 or width < 1:
+        raise ReadError(path, f"header declares {shape}: there is no image to read", hint)
+    if n_bscans > MAX_BSCANS:
+        raise ReadError(path, f"header declares {shape}; no OCT volume has more than {MAX_BSCANS} B-scans", hint)
+    if max(height, width) > MAX_BSCAN_SIDE:
+        raise ReadError(path, f"header declares {shape}; no OCT B-scan has more than {MAX_BSCAN_SIDE} pixels a side", hint)
+    needed = 4 * (n_bscans * height * width + localizer_pixels)
+    if needed > MAX_VOLUME_BYTES:
+        raise ReadError(
+            path, f"header declares {shape}, {_gib(needed)} once read, above the {_gib(MAX_VOLUME_BYTES)} limit per volume", hint
+        )
+
+
+def check_localizer_size(path: Path | str, height: int, width: int, *, hint: str = _DAMAGED_HINT) -> None:
+    """Refuse a localizer size no device writes, before the image is allocated or decoded."""
+    if height < 1 or width < 1 or max(height, width) > MAX_LOCALIZER_SIDE:
+        raise ReadError(
+            path, f"localizer image declares {height}x{width} pixels; a real one has 1 to {MAX_LOCALIZER_SIDE} a side", hint
+        )
+
+
+def _in_date_range(value: date | datetime) -> bool:
+    day = value.date() if isinstance(value, datetime) else value
+    return EARLIEST_DATE <= day <= LATEST_DATE
+
+
+def validate_volume(volume: Volume) -> Volume:
+    """The check every reader's result passes: refuse numbers that no later stage can use.
+
+    A damaged file must fail here, with its reason, and not later as NaN scores, a database constraint
+    error or an HRF count of 0 over empty pixels. An impossible birth date is the one exception: the
+    analysis never needs it, so it is dropped with a warning that does not repeat it (it identifies the
+    patient). Returns the volume, or a copy without that birth date.
+    """
+    meta = volume.meta
+    path = meta.source_path
+    series = f"series {meta.series_uid}: " if meta.source_format in ("heyex-e2e", "heyex-xml") else ""
+    (height, width), loc = volume.bscan_shape, volume.localizer
+    check_declared_size(path, volume.n_bscans, height, width, localizer_pixels=0 if loc is None else int(loc.size))
+    if loc is not None:
+        check_localizer_size(path, *loc.shape)
+    spacing = meta.spacing
+    for name, value, may_be_zero in (
+        ("lateral pixel spacing", spacing.lateral_mm, False),
+        ("axial pixel spacing", spacing.axial_mm, False),
+        ("distance between B-scans", spacing.between_bscans_mm, True),
+    ):
+        value = float(value)
+        if not math.isfinite(value) or value < 0 or (value == 0 and not may_be_zero):
+            raise ReadError(
+                path, f"{series}{name} is {value!r} mm; it must be a finite number above zero",
+                "sizes in mm cannot be computed: the header is damaged or the scan was exported without its "
+                "scale; export it again from the device software",
+            )
+    for i, pos in enumerate(meta.positions):
+        if not all(math.isfinite(float(c)) for c in (*pos.start_mm, *pos.end_mm)):
+            raise ReadError(path, f"{series}position of B-scan {i} on the localizer is not a finite number", _DAMAGED_HINT)
+    if meta.localizer_spacing_mm is not None and not all(math.isfinite(float(c)) for c in meta.localizer_spacing_mm):
+        problem = f"{series}localizer pixel spacing {meta.localizer_spacing_mm} is not a finite number"
+        raise ReadError(path, problem, _DAMAGED_HINT)
+    for what, pixels in (("B-scan", volume.bscans), ("localizer", loc)):
+        bad = 0 if pixels is None else count_non_finite(pixels)
+        if bad:
+            raise ReadError(
+                path, f"{series}{bad} of {pixels.size} {what} pixels are NaN or infinite",
+                "the pixel data (or its rescale values) is damaged and HRF counts over it would be wrong: "
+                "export the scan again from the device software, or remove it from the study folder",
+            )
+    for name, value in (("visit date", meta.visit_date), ("acquisition time", meta.acquired_at)):
+        if value is not None and not _in_date_range(value):
+            raise ReadError(
+                path, f"{series}{name} {value.isoformat()} lies outside {EARLIEST_DATE.year}-{LATEST_DATE.year}",
+                "the date field of the header is damaged, so the scan cannot be placed on the patient's "
+                "timeline: export it again from the device software",
+            )
+    if meta.birth_date is not None and not _in_date_range(meta.birth_date):
+        log.warning("%s: %sbirth date outside %d-%d left out (damaged field)", path, series, EARLIEST_DATE.year, LATEST_DATE.year)
+        volume = Volume(bscans=volume.bscans, meta=dataclasses.replace(meta, birth_date=None), localizer=loc)
+    return volume
 
 
 def meta_to_dict(meta: VolumeMeta, *, show_identifiers: bool = True) -> dict[str, Any]:

@@ -1,4 +1,10 @@
-"""`read_volumes(path)`: pick the reader by file content (magic bytes, DICOM SOP class), not by name."""
+"""`read_volumes(path)`: pick the reader by file content (magic bytes, DICOM SOP class), not by name.
+
+Every reader's result passes :func:`~hrf_batch.io.volume.validate_volume` in :func:`read_source`, the one
+dispatch that discovery, `hrf-batch info` and the reports share, so no reader can hand NaN pixels, a
+spacing of 0 or an impossible date to the pipeline. Readers check header-declared sizes themselves,
+before allocating, with :func:`~hrf_batch.io.volume.check_declared_size`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from typing import Sequence
 
 from hrf_batch.errors import NotOctError, ReadError
 from hrf_batch.io.readers.raw import read_bytes
-from hrf_batch.io.volume import Volume
+from hrf_batch.io.volume import Volume, validate_volume
 
 SUPPORTED = "HEYEX .vol, HEYEX .e2e, HEYEX XML export, DICOM OCT (Ophthalmic Tomography), Topcon .fds"
 OCT_SUFFIXES = {".vol", ".e2e", ".sdb", ".xml", ".dcm", ".dicom", ".fds", ""}
@@ -40,8 +46,11 @@ def sniff(head: bytes) -> str | None:
 
 
 def read_source(fmt: str, paths: Sequence[Path]) -> list[Volume]:
-    """Read one discovered source (one file, or the single-frame DICOM files of one series)."""
-    paths = [Path(p) for p in paths]
+    """Read one discovered source (one file, or the single-frame DICOM files of one series), validated."""
+    return [validate_volume(volume) for volume in _read_unchecked(fmt, [Path(p) for p in paths])]
+
+
+def _read_unchecked(fmt: str, paths: list[Path]) -> list[Volume]:
     if fmt == "heyex-vol":
         from hrf_batch.io.readers.heyex_vol import read_vol
 
