@@ -4,28 +4,44 @@ The layout is the published HEYEX VOL one: a 2048-byte file header, the SLO loca
 then per B-scan a header of ``bscan_hdr_size`` bytes followed by float32 linear reflectivity.
 Reading it directly (rather than through eyepy's importer, which refuses circle scans) keeps
 every pattern on one path and reads a 49×496×1024 volume in a fraction of a second.
+
+Damaged files: the header is checked against the file size and the limits in
+:mod:`hrf_batch.io.volume` before the B-scans are read, so a header that declares more than the file
+holds, or more than any device writes, is refused without allocating what it declares. A file with
+fewer B-scan bytes than its header declares is refused, never read in part. An impossible visit date
+or exam time refuses the file (the header is damaged and the scan could not be placed on the patient's
+timeline); an impossible birth date is dropped with a warning that does not repeat it. NaN or infinite
+pixels refuse the file; they are checked before the display curve, which would show them as black.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import struct
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import numpy as np
 
 from hrf_batch.errors import ReadError
-from hrf_batch.io.readers.raw import read_bytes
+from hrf_batch.io.readers.raw import file_size, read_bytes, read_bytes_at, source_sha256
 from hrf_batch.io.volume import (
     BScanPosition,
     Spacing,
     Volume,
     VolumeMeta,
+    check_declared_size,
+    check_localizer_size,
+    count_non_finite,
     display_from_linear,
 )
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 FILE_HEADER_SIZE = 2048
 BSCAN_HEADER_FIXED = 256
@@ -35,6 +51,9 @@ BSCAN_STRUCT = struct.Struct("<12si4d2ifI")
 _PATTERNS = {1: "line", 2: "circle", 3: "volume", 4: "volume", 5: "radial"}
 OLE_EPOCH = date(1899, 12, 30)
 FILETIME_EPOCH = datetime(1601, 1, 1)
+_OLE_MIN_DAYS = (date.min - OLE_EPOCH).days
+_OLE_MAX_DAYS = (date.max - OLE_EPOCH).days
+_FILETIME_MAX = (datetime.max - FILETIME_EPOCH) // timedelta(microseconds=1) * 10
 _HINT = "re-export the scan from HEYEX as a raw .vol file, or remove it from the study folder"
 
 
@@ -78,21 +97,52 @@ def _text(raw: bytes) -> str:
 
 
 def ole_to_date(value: float) -> date | None:
-    """HEYEX stores dates as OLE automation days since 1899-12-30; 0 means 'not set'."""
-    if not np.isfinite(value) or value <= 0:
+    """HEYEX stores dates as OLE automation days since 1899-12-30; 0 means 'not set'.
+
+    Raises ValueError for a value that is no date at all (NaN, or beyond the calendar), so the caller
+    decides whether the field may be dropped or the file is refused.
+    """
+    if value == 0:
         return None
+    if not np.isfinite(value) or not _OLE_MIN_DAYS <= value <= _OLE_MAX_DAYS:
+        raise ValueError("not a calendar date")
     return OLE_EPOCH + timedelta(days=int(value))
 
 
 def filetime_to_datetime(value: int) -> datetime | None:
-    """Windows FILETIME (100 ns ticks since 1601-01-01); 0 means 'not set'."""
-    if value <= 0:
+    """Windows FILETIME (100 ns ticks since 1601-01-01); 0 means 'not set'. ValueError beyond year 9999."""
+    if value == 0:
         return None
+    if not 0 < value <= _FILETIME_MAX:
+        raise ValueError("not a calendar time")
     return FILETIME_EPOCH + timedelta(microseconds=value // 10)
 
 
-def parse_header(path: Path, raw: bytes) -> VolHeader:
-    """Parse and sanity-check the file header; raise ReadError with the problem otherwise."""
+def _required_time(path: Path, what: str, parse: Callable[[], T]) -> T:
+    """A visit date or exam time: an impossible value means the header is damaged, so the file is refused."""
+    try:
+        return parse()
+    except ValueError as exc:
+        raise ReadError(path, f"the {what} in the header is not a valid date (the header is damaged)", _HINT) from exc
+
+
+def _optional_birth_date(path: Path, raw: float) -> date | None:
+    """The birth date is never needed for the analysis: an impossible one is dropped with a warning that
+    does not repeat it (it identifies the patient)."""
+    try:
+        return ole_to_date(raw)
+    except ValueError:
+        log.warning("%s: the birth date in the header is not a valid date; it is left out", path)
+        return None
+
+
+def parse_header(path: Path, raw: bytes, file_size: int | None = None) -> VolHeader:
+    """Parse and sanity-check the file header from its first bytes; raise ReadError with the problem otherwise.
+
+    ``raw`` needs the 2048 header bytes only; ``file_size`` (default ``len(raw)``) is what the declared
+    sizes are checked against, so a damaged header is refused before the B-scans are read.
+    """
+    size = len(raw) if file_size is None else file_size
     if len(raw) < FILE_HEADER_SIZE:
         raise ReadError(path, f"file is truncated: {len(raw)} bytes, a HEYEX .vol header alone has {FILE_HEADER_SIZE}", _HINT)
     if not is_vol(raw):
@@ -101,27 +151,36 @@ def parse_header(path: Path, raw: bytes) -> VolHeader:
     hdr = VolHeader(
         version=_text(f[0]), size_x=f[1], n_bscans=f[2], size_y=f[3], scale_x=f[4], distance=f[5],
         scale_y=f[6], size_x_slo=f[7], size_y_slo=f[8], scale_x_slo=f[9], scale_y_slo=f[10],
-        scan_position=_text(f[13]), exam_time=filetime_to_datetime(f[14]), scan_pattern=f[15],
-        bscan_hdr_size=f[16], scan_id=_text(f[17]), patient_id=_text(f[20]), dob=ole_to_date(f[21]),
-        visit_date=ole_to_date(f[24]),
+        scan_position=_text(f[13]),
+        exam_time=_required_time(path, "exam time", lambda: filetime_to_datetime(f[14])),
+        scan_pattern=f[15], bscan_hdr_size=f[16], scan_id=_text(f[17]), patient_id=_text(f[20]),
+        dob=_optional_birth_date(path, f[21]),
+        visit_date=_required_time(path, "visit date", lambda: ole_to_date(f[24])),
     )
     if hdr.n_bscans <= 0 or hdr.size_x <= 0 or hdr.size_y <= 0:
         raise ReadError(path, f"header declares {hdr.n_bscans} B-scans of {hdr.size_y}x{hdr.size_x} pixels", _HINT)
-    hdr = _with_bscan_header_size(raw, hdr)
-    if hdr.size_x_slo < 0 or hdr.size_y_slo < 0 or hdr.bscan_hdr_size < BSCAN_HEADER_FIXED:
-        raise ReadError(path, f"inconsistent header (localizer {hdr.size_y_slo}x{hdr.size_x_slo}, B-scan header {hdr.bscan_hdr_size} bytes)", _HINT)
-    if len(raw) < hdr.expected_size:
-        raise ReadError(path, f"file is truncated: {len(raw)} of {hdr.expected_size} bytes present", _HINT)
+    if hdr.size_x_slo < 0 or hdr.size_y_slo < 0:
+        raise ReadError(path, f"inconsistent header (localizer {hdr.size_y_slo}x{hdr.size_x_slo})", _HINT)
+    slo = hdr.size_x_slo * hdr.size_y_slo
+    if slo:
+        check_localizer_size(path, hdr.size_y_slo, hdr.size_x_slo, hint=_HINT)
+    check_declared_size(path, hdr.n_bscans, hdr.size_y, hdr.size_x, localizer_pixels=slo, hint=_HINT)
+    least = FILE_HEADER_SIZE + slo + hdr.n_bscans * (BSCAN_HEADER_FIXED + 4 * hdr.size_x * hdr.size_y)
+    if size < least:
+        raise ReadError(
+            path, f"file is truncated or its header damaged: the header declares at least {least} bytes, "
+            f"the file has {size}", _HINT,
+        )
     return hdr
 
 
-def _with_bscan_header_size(raw: bytes, hdr: VolHeader) -> VolHeader:
+def _with_bscan_header_size(path: Path, hdr: VolHeader, file_size: int) -> VolHeader:
     """Trust the first B-scan's own header size: some third-party writers leave the file-header
     copy at its 61440 default while writing shorter B-scan headers."""
-    at = FILE_HEADER_SIZE + max(hdr.size_x_slo, 0) * max(hdr.size_y_slo, 0) + 12
-    if len(raw) < at + 4:
+    at = FILE_HEADER_SIZE + hdr.size_x_slo * hdr.size_y_slo + 12
+    if file_size < at + 4:
         return hdr
-    (own,) = struct.unpack_from("<i", raw, at)
+    (own,) = struct.unpack_from("<i", read_bytes_at(path, at, 4))
     if own >= BSCAN_HEADER_FIXED and own != hdr.bscan_hdr_size:
         return dataclasses.replace(hdr, bscan_hdr_size=own)
     return hdr
@@ -148,23 +207,43 @@ def _bscan_headers(raw: bytes, hdr: VolHeader) -> list[BScanPosition]:
     return positions
 
 
-def _pixels(raw: bytes, hdr: VolHeader) -> np.ndarray:
+def _pixels(path: Path, raw: bytes, hdr: VolHeader) -> np.ndarray:
     slo = hdr.size_x_slo * hdr.size_y_slo
     record = np.dtype([("hdr", f"V{hdr.bscan_hdr_size}"), ("data", "<f4", (hdr.size_y, hdr.size_x))])
     records = np.frombuffer(raw, dtype=record, count=hdr.n_bscans, offset=FILE_HEADER_SIZE + slo)
+    # Checked before the display curve, which shows non-finite values as black "no data" pixels: a
+    # volume of NaNs would otherwise read as an empty scan with 0 HRF.
+    bad = count_non_finite(records["data"])
+    if bad:
+        raise ReadError(
+            path, f"{bad} of {records['data'].size} B-scan pixels are NaN or infinite (the pixel data is damaged)", _HINT
+        )
     return display_from_linear(records["data"])
 
 
 def read_vol(path: Path) -> list[Volume]:
-    """Read one HEYEX `.vol` file into one Volume on the 0..255 display scale."""
+    """Read one HEYEX `.vol` file into one Volume on the 0..255 display scale.
+
+    The header is read and checked against the file size first, so a damaged header never makes the
+    reader allocate what it declares; only then are the bytes it describes read.
+    """
     path = Path(path)
-    raw = read_bytes(path)
-    hdr = parse_header(path, raw)
+    size = file_size(path)
+    hdr = parse_header(path, read_bytes(path, FILE_HEADER_SIZE), size)
+    hdr = _with_bscan_header_size(path, hdr, size)
+    if hdr.bscan_hdr_size < BSCAN_HEADER_FIXED:
+        raise ReadError(path, f"inconsistent header (B-scan header of {hdr.bscan_hdr_size} bytes)", _HINT)
+    if size < hdr.expected_size:
+        raise ReadError(path, f"file is truncated: {size} of {hdr.expected_size} bytes present", _HINT)
+    raw = read_bytes(path, hdr.expected_size)
+    if len(raw) < hdr.expected_size:
+        raise ReadError(path, f"file is truncated: {len(raw)} of {hdr.expected_size} bytes present", _HINT)
     localizer = None
     if hdr.size_x_slo and hdr.size_y_slo:
         slo = np.frombuffer(raw, np.uint8, hdr.size_x_slo * hdr.size_y_slo, FILE_HEADER_SIZE)
         localizer = slo.reshape(hdr.size_y_slo, hdr.size_x_slo).astype(np.float32)
-    sha = hashlib.sha256(raw).hexdigest()  # the bytes are in memory already: no second read
+    # The hash covers the whole file; when the header describes all of it, the bytes are in memory already.
+    sha = hashlib.sha256(raw).hexdigest() if size == len(raw) else source_sha256([path])
     meta = VolumeMeta(
         source_path=str(path), source_sha256=sha, source_format="heyex-vol",
         series_uid=hdr.scan_id or sha[:16], patient_id=hdr.patient_id, eye=_eye(hdr.scan_position),
@@ -176,4 +255,4 @@ def read_vol(path: Path) -> list[Volume]:
         localizer_spacing_mm=(hdr.scale_x_slo, hdr.scale_y_slo) if localizer is not None else None,
         birth_date=hdr.dob,
     )
-    return [Volume(bscans=_pixels(raw, hdr), meta=meta, localizer=localizer)]
+    return [Volume(bscans=_pixels(path, raw, hdr), meta=meta, localizer=localizer)]
