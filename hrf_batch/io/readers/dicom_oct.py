@@ -15,11 +15,24 @@ Conventions (shared with ``hrf_batch.io.writers.dicom``):
   ``[row mm, col mm]``: ``x = col * col_mm``, ``y = row * row_mm``.
 - Order: a multi-frame instance keeps its stored frame order; single-frame instances of one
   series are ordered by InstanceNumber (then In-Stack Position Number), never by file name.
+
+Damaged files: Rows x Columns x NumberOfFrames (and the sample size) are checked against the limits
+in :mod:`hrf_batch.io.volume` before PixelData is decoded, because pydicom allocates the whole decoded
+array first, so a compressed file whose header claims 65535 x 65535 x 100000 fails as one ReadError
+and not as a MemoryError. Uncompressed or not, a series is read whole or refused. A RescaleSlope or
+RescaleIntercept that is NaN, infinite or (for the slope) zero refuses the file; a localizer with
+such values or an absurd size is left out with a warning, as any broken localizer is. Dates: a DA/DT
+value pydicom cannot parse is ignored with a warning (the birth date's value is never logged); a
+parsed visit date outside 1900-2099 is refused by the check every reader's result passes. pydicom's
+own log records are cut to one line of at most ``LOG_LINE_LIMIT`` characters: its validation
+warnings quote whole element values, so one binary value in a text element used to make a
+31,500-character log line.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import struct
 import warnings
 from dataclasses import dataclass
@@ -40,10 +53,47 @@ from pydicom.uid import (
 from pydicom.valuerep import DA, DT
 
 from hrf_batch.errors import NotOctError, ReadError, one_line
-from hrf_batch.io.hashing import sha256_of_files
-from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta
+from hrf_batch.io.readers.raw import source_sha256
+from hrf_batch.io.volume import (
+    MAX_VOLUME_BYTES,
+    BScanPosition,
+    Spacing,
+    Volume,
+    VolumeMeta,
+    check_declared_size,
+    check_localizer_size,
+)
 
 log = logging.getLogger(__name__)
+LOG_LINE_LIMIT = 300
+
+
+class _OneShortLine(logging.Filter):
+    """Cuts a pydicom log record to one printable line of at most LOG_LINE_LIMIT characters (see the
+    module docstring for why)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            text = record.getMessage()
+        except (TypeError, ValueError):  # a malformed record: logging reports it itself when it formats it
+            return True
+        if len(text) > LOG_LINE_LIMIT or not text.isprintable():
+            record.msg = _printable(text, LOG_LINE_LIMIT)
+            record.args = None
+        return True
+
+
+def _cap_pydicom_logging() -> None:
+    """Install the filter on pydicom's logger and its children (a filter on a logger does not apply to
+    records of its children); idempotent, and re-run per file for children created later."""
+    names = ["pydicom", *(n for n in logging.root.manager.loggerDict if n.startswith("pydicom."))]
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _OneShortLine) for f in logger.filters):
+            logger.addFilter(_OneShortLine())
+
+
+_cap_pydicom_logging()
 
 OPT_SOP_CLASS = str(OphthalmicTomographyImageStorage)
 LOCALIZER_SOP_CLASSES = frozenset({str(OphthalmicPhotography8BitImageStorage), str(OphthalmicPhotography16BitImageStorage)})
@@ -55,6 +105,7 @@ _PARSE_ERRORS = (
 )
 _HINT_DAMAGED = "the file is damaged or truncated; export the series again from the device"
 _EYES = {"R": "OD", "L": "OS"}
+_IDENTIFYING_KEYWORDS = frozenset({"PatientBirthDate"})
 
 
 @dataclass(frozen=True)
@@ -120,7 +171,9 @@ def read_dicom_oct(paths: Sequence[Path]) -> list[Volume]:
         ds = _read_dataset(path)
         sop_class = _require_sop_class(ds, path)
         if sop_class == OPT_SOP_CLASS:
-            instances.append(_Instance(path, ds, _frame_count(ds, path)))
+            n_frames = _frame_count(ds, path)
+            _check_decoded_size(ds, path, n_frames)
+            instances.append(_Instance(path, ds, n_frames))
         elif sop_class in LOCALIZER_SOP_CLASSES:
             localizers[_text(ds, "SOPInstanceUID")] = path
         else:
@@ -164,6 +217,7 @@ def _read_dataset(path: Path, *, stop_before_pixels: bool = False) -> Dataset:
 def _parse(path: Path, *, stop_before_pixels: bool) -> Dataset:
     """dcmread without ``force`` plus full conversion; pydicom's many per-element warnings about
     non-conformant values become one log line per file instead of a flood on the console."""
+    _cap_pydicom_logging()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = _materialised(dcmread(path, stop_before_pixels=stop_before_pixels, force=False), path)
@@ -222,6 +276,29 @@ def _frame_count(ds: Dataset, path: Path) -> int:
     return n_frames
 
 
+def _check_decoded_size(ds: Dataset, path: Path, n_frames: int) -> None:
+    """Refuse, before PixelData is touched, what decoding would allocate (see the module docstring).
+
+    Without Rows or Columns there is nothing to check: the decoder then fails with its own cause.
+    """
+    try:
+        rows, cols = _int_or(ds.get("Rows"), 0) or 0, _int_or(ds.get("Columns"), 0) or 0
+        samples = _int_or(ds.get("SamplesPerPixel"), 1) or 1
+        bits = _int_or(ds.get("BitsAllocated"), 8) or 8
+    except _PARSE_ERRORS as exc:
+        raise ReadError(path, f"DICOM header cannot be parsed ({_short(exc)})", _HINT_DAMAGED) from exc
+    if rows <= 0 or cols <= 0:
+        return
+    check_declared_size(path, n_frames, rows, cols, hint=_HINT_DAMAGED)
+    decoded = n_frames * rows * cols * max(samples, 1) * max(-(-bits // 8), 1)
+    if decoded > MAX_VOLUME_BYTES:
+        raise ReadError(
+            path, f"header declares {n_frames} frames of {rows}x{cols} pixels with {samples} sample(s) of {bits} bits, "
+            f"{decoded / 2**30:.1f} GiB once decoded, above the {MAX_VOLUME_BYTES / 2**30:.1f} GiB limit per volume",
+            _HINT_DAMAGED,
+        )
+
+
 def _declared_frames(ds: Dataset) -> int:
     value = ds.get("NumberOfFrames")
     if value is None or str(value).strip() == "":
@@ -258,6 +335,8 @@ def _ordered(members: list[_Instance]) -> list[_Instance]:
 def _build_volume(group: list[_Instance], localizers: dict[str, Path]) -> Volume:
     """One Volume from an ordered group; header damage found on the way becomes a ReadError."""
     first = group[0]
+    if len(group) > 1:  # single-frame instances: each passed the size check, their sum must too
+        _check_decoded_size(first.ds, first.path.parent, sum(inst.n_frames for inst in group))
     try:
         stacks = [_pixels(inst) for inst in group]
         sizes = sorted({stack.shape[1:] for stack in stacks})
@@ -278,6 +357,9 @@ def _build_volume(group: list[_Instance], localizers: dict[str, Path]) -> Volume
 
 def _pixels(inst: _Instance) -> np.ndarray:
     """Frames of one instance as float32 ``(n, H, W)`` on the 0..255 display scale."""
+    problem = _rescale_problem(inst.ds)
+    if problem:
+        raise ReadError(inst.path, problem, _HINT_DAMAGED)
     try:
         raw = np.asarray(inst.ds.pixel_array)
     except _PARSE_ERRORS as exc:
@@ -310,6 +392,18 @@ def _to_display(raw: np.ndarray, ds: Dataset) -> np.ndarray:
     return np.clip(values, 0.0, 255.0).astype(np.float32)
 
 
+def _rescale_problem(ds: Dataset) -> str:
+    """Why the rescale values cannot be used, or "": NaN or infinity would turn every pixel into NaN, a
+    slope of 0 every pixel into the same grey, and either would be scored as a real scan."""
+    slope, intercept = _rescale(ds)
+    if not (math.isfinite(slope) and math.isfinite(intercept)) or slope == 0:
+        return (
+            f"RescaleSlope {slope!r} and RescaleIntercept {intercept!r} cannot map stored values to pixels "
+            "(both must be finite numbers and the slope not 0)"
+        )
+    return ""
+
+
 def _rescale(ds: Dataset) -> tuple[float, float]:
     """Top-level RescaleSlope/Intercept, else the shared Pixel Value Transformation group."""
     source: Any = ds
@@ -331,7 +425,7 @@ def _spacing(ds: Dataset, frame: int, path: Path, *, n_bscans: int) -> Spacing:
     for source in candidates:
         if source is not None and source.get("PixelSpacing"):
             pixel_spacing = [float(v) for v in source.PixelSpacing]
-            if len(pixel_spacing) != 2 or min(pixel_spacing) <= 0:
+            if len(pixel_spacing) != 2 or not all(math.isfinite(v) and v > 0 for v in pixel_spacing):
                 raise ReadError(path, f"invalid PixelSpacing {pixel_spacing}", _HINT_DAMAGED)
             thickness = source.get("SliceThickness")
             between = float(thickness) if thickness not in (None, "") and n_bscans > 1 else 0.0
@@ -430,6 +524,7 @@ def _read_localizer(path: Path) -> tuple[np.ndarray | None, tuple[float, float] 
     """Grey localizer image (0..255) and PixelSpacing [row mm, col mm]; a broken localizer is skipped."""
     try:
         ds = _read_dataset(path)
+        _check_localizer_header(ds, path)
         raw = np.asarray(ds.pixel_array)
         spacing_value = ds.get("PixelSpacing")
         spacing = (float(spacing_value[0]), float(spacing_value[1])) if spacing_value else None
@@ -439,12 +534,31 @@ def _read_localizer(path: Path) -> tuple[np.ndarray | None, tuple[float, float] 
     except _PARSE_ERRORS as exc:
         log.warning("%s: localizer not used, its pixels cannot be decoded (%s)", path, _short(exc))
         return None, None
+    if spacing is not None and not all(math.isfinite(v) and v > 0 for v in spacing):
+        log.warning("%s: localizer PixelSpacing %s is not usable; B-scan positions left out", path, spacing)
+        spacing = None
     samples = _int_or(ds.get("SamplesPerPixel"), 1)
     if samples == 3:
         raw = raw @ np.array([0.299, 0.587, 0.114])
     if raw.ndim == 3:
         raw = raw[0]
     return _to_display(raw, ds), spacing
+
+
+def _check_localizer_header(ds: Dataset, path: Path) -> None:
+    """Size and rescale values of a localizer, checked before its pixels are decoded."""
+    rows, cols = _int_or(ds.get("Rows"), 0) or 0, _int_or(ds.get("Columns"), 0) or 0
+    if rows > 0 and cols > 0:
+        check_localizer_size(path, rows, cols, hint=_HINT_DAMAGED)
+        frames = max(_int_or(ds.get("NumberOfFrames"), 1) or 1, 1)
+        samples = max(_int_or(ds.get("SamplesPerPixel"), 1) or 1, 1)
+        bits = max(_int_or(ds.get("BitsAllocated"), 8) or 8, 1)
+        if frames * rows * cols * samples * -(-bits // 8) > MAX_VOLUME_BYTES:
+            problem = f"localizer declares {frames} frames of {rows}x{cols} pixels, too large to decode"
+            raise ReadError(path, problem, _HINT_DAMAGED)
+    problem = _rescale_problem(ds)
+    if problem:
+        raise ReadError(path, problem, _HINT_DAMAGED)
 
 
 def _meta(
@@ -463,7 +577,7 @@ def _meta(
     device = " ".join(part for part in (_text(ds, "Manufacturer"), _text(ds, "ManufacturerModelName")) if part)
     return VolumeMeta(
         source_path=str(paths[0] if len(paths) == 1 else _common_folder(paths)),
-        source_sha256=sha256_of_files(paths),
+        source_sha256=source_sha256(paths),
         source_format="dicom-oct",
         series_uid=_text(ds, "SeriesInstanceUID"),
         patient_id=_text(ds, "PatientID"),
@@ -494,7 +608,10 @@ def _parsed(ds: Dataset, keyword: str, parse: Callable[[str], Any]) -> Any:
     try:
         return parse(text)
     except ValueError as exc:
-        log.warning("ignoring unreadable %s %r (%s)", keyword, text, _short(exc))
+        if keyword in _IDENTIFYING_KEYWORDS:  # neither the value nor pydicom's message (which quotes it)
+            log.warning("ignoring unreadable %s", keyword)
+        else:
+            log.warning("ignoring unreadable %s %r (%s)", keyword, _printable(text), _short(exc))
         return None
 
 
@@ -533,10 +650,10 @@ def _sop_name(sop_class: str) -> str:
     return f"{name} ({sop_class})" if name != sop_class else f"SOP class {sop_class}"
 
 
-def _printable(text: str) -> str:
+def _printable(text: str, limit: int = 80) -> str:
     """Header text safe for a one-line message (damaged files can hold control characters)."""
-    cleaned = "".join(ch if ch.isprintable() else "?" for ch in text)
-    return cleaned if len(cleaned) <= 80 else cleaned[:77] + "..."
+    cleaned = "".join(ch if ch.isprintable() else "?" for ch in text[: limit + 1])
+    return cleaned if len(text) <= limit else cleaned[: limit - 3] + "..."
 
 
 def _looks_like_uid(value: str) -> bool:
@@ -544,5 +661,5 @@ def _looks_like_uid(value: str) -> bool:
 
 
 def _short(exc: BaseException) -> str:
-    """ReadError messages must stay on one line."""
-    return one_line(exc, 160)
+    """ReadError messages and log lines stay on one printable line (pydicom's messages can quote binary values)."""
+    return _printable(one_line(exc, 160), 160)
