@@ -12,10 +12,22 @@ it interprets in ways we do not want straight from the stored bytes:
 
 Before eyepy sees the file we walk its directory chain, so an empty, foreign, truncated or damaged
 file fails with one clear line instead of a parser traceback.
+
+Partial series are refused, never read in part: when a series declares N B-scans (the count in its
+B-scan records) or holds B-scan records, but fewer than that many B-scans have both their metadata
+and their image, the whole file fails with an error that names the series and both counts. An HRF
+count over 2 of 3 B-scans would look like a real, lower burden. Damaged series in a file are not
+dropped in favour of the good ones either, for the same reason: nothing is left out silently.
+
+Dates: an impossible birth date is left out with a warning that does not repeat it. Exam and
+acquisition times outside 1900-2099 are left out with a warning (the fields' layout is reverse
+engineered, so a real file is not refused over them), except a B-scan time beyond the calendar,
+on which eyepy's parser fails: that refuses the file.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import struct
 from datetime import date, datetime, timedelta
@@ -25,14 +37,18 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from hrf_batch.errors import ReadError, one_line
-from hrf_batch.io.hashing import sha256_of_files
+from hrf_batch.io.readers.raw import source_sha256
 from hrf_batch.io.volume import (
+    EARLIEST_DATE,
+    LATEST_DATE,
     BScanPosition,
     Spacing,
     Volume,
     VolumeMeta,
     display_from_linear,
 )
+
+log = logging.getLogger(__name__)
 
 MM_PER_DEGREE = 0.2896  # HEYEX "medium" eye length: 289.6 µm of retina per degree of scan angle
 LOCALIZER_FIELD_DEG = 30.0  # the localizer field HEYEX assumes when it places B-scans on it
@@ -49,7 +65,9 @@ _PATTERNS = {1: "line", 2: "circle", 3: "volume", 4: "volume", 5: "radial"}
 _EYES = {ord("R"): "OD", ord("L"): "OS"}
 _HEADER_SIZE = 36 + 52  # version block + main directory
 _DIR_SIZE, _ENTRY_SIZE, _CONTAINER_SIZE = 52, 44, 60
-_MAX_TICKS = (datetime(9999, 12, 31) - FILETIME_EPOCH) // timedelta(microseconds=1) * 10
+_EARLIEST = datetime.combine(EARLIEST_DATE, datetime.min.time())
+_LATEST = datetime.combine(LATEST_DATE, datetime.max.time())
+_FILETIME_LIMIT = (datetime.max - FILETIME_EPOCH) // timedelta(microseconds=1) * 10
 _HINT = "re-export the examination from HEYEX as .e2e, or remove the file from the study folder"
 
 
@@ -105,22 +123,37 @@ def _check_chunk(path: Path, fh: BinaryIO, position: int, size: int) -> int:
     return int(previous)
 
 
-def _from_filetime(ticks: int) -> datetime | None:
-    """A stored FILETIME as a naive datetime, exactly as stored; 0 or nonsense means unknown."""
-    if ticks <= 0 or ticks > _MAX_TICKS:
+def _from_filetime(path: Path, ticks: int, what: str) -> datetime | None:
+    """A stored FILETIME as a naive datetime, exactly as stored; 0 means unknown. A value outside
+    1900-2099 is left out with a warning (see the module docstring)."""
+    if ticks == 0:
         return None
-    return FILETIME_EPOCH + timedelta(microseconds=ticks // 10)
+    when = FILETIME_EPOCH + timedelta(microseconds=ticks // 10) if 0 < ticks < _FILETIME_LIMIT else None
+    if when is None or not _EARLIEST <= when <= _LATEST:
+        log.warning(
+            "%s: the %s is not a date between %d and %d; it is left out", path, what, EARLIEST_DATE.year, LATEST_DATE.year
+        )
+        return None
+    return when
 
 
-def _birth_date(raw: int) -> date | None:
-    """HEYEX keeps (Julian day + 14558805) * 64; a few exports hold YYYYMMDD instead."""
+def _birth_date(path: Path, raw: int) -> date | None:
+    """HEYEX keeps (Julian day + 14558805) * 64; a few exports hold YYYYMMDD instead. An impossible
+    value is left out with a warning that does not repeat it (it identifies the patient)."""
+    if raw == 0:
+        return None
+    found: date | None = None
     if 10_000_000 <= raw <= 99_999_999:
         try:
-            return date(raw // 10_000, raw // 100 % 100, raw % 100)
+            found = date(raw // 10_000, raw // 100 % 100, raw % 100)
         except ValueError:
-            return None
-    ordinal = raw // 64 - BIRTHDATE_JD_OFFSET - 1_721_425
-    return date.fromordinal(ordinal) if 1 <= ordinal <= date.max.toordinal() and raw else None
+            found = None
+    else:
+        ordinal = raw // 64 - BIRTHDATE_JD_OFFSET - 1_721_425
+        found = date.fromordinal(ordinal) if 1 <= ordinal <= date.max.toordinal() else None
+    if found is None:
+        log.warning("%s: the patient's birth date is not a valid date; it is left out", path)
+    return found
 
 
 def _first(structure: Any, kind: int) -> Any:
@@ -142,14 +175,14 @@ def _eye(series: Any) -> str:
     return "unknown"
 
 
-def _patient(series: Any) -> tuple[str, str, date | None]:
+def _patient(path: Path, series: Any) -> tuple[str, str, date | None]:
     """Patient id, name ("first last") and date of birth from the patient record."""
     folder = _first(series.patient, T_PATIENT)
     if folder is None:
         return "", "", None
     record = folder.data
     name = " ".join(part.strip() for part in (record.firstname, record.surname) if part.strip())
-    return record.patient_id.strip(), name, _birth_date(record.birthdate)
+    return record.patient_id.strip(), name, _birth_date(path, record.birthdate)
 
 
 def _device(series: Any) -> str:
@@ -158,13 +191,15 @@ def _device(series: Any) -> str:
     return texts[0] if texts and texts[0] else DEFAULT_DEVICE
 
 
-def _times(series: Any, first_slice: Any) -> tuple[datetime | None, date | None]:
+def _times(path: Path, series: Any, first_slice: Any) -> tuple[datetime | None, date | None]:
     """Acquisition time of the first B-scan, and the series' examination day."""
     meta = _first(first_slice, T_BSCANMETA).get_bytes()
-    acquired = _from_filetime(struct.unpack_from("<Q", meta, 88)[0]) if len(meta) >= 96 else None
+    acquired = None
+    if len(meta) >= 96:
+        acquired = _from_filetime(path, struct.unpack_from("<Q", meta, 88)[0], "B-scan acquisition time")
     exam_folder = _first(series, T_EXAM_TIME)
     exam_raw = exam_folder.get_bytes() if exam_folder is not None else b""
-    exam = _from_filetime(struct.unpack_from("<Q", exam_raw, 16)[0]) if len(exam_raw) >= 24 else None
+    exam = _from_filetime(path, struct.unpack_from("<Q", exam_raw, 16)[0], "exam time") if len(exam_raw) >= 24 else None
     visit = exam.date() if exam else (acquired.date() if acquired else None)
     return acquired, visit
 
@@ -207,22 +242,42 @@ def _oct_slices(series: Any) -> list[Any]:
     ]
 
 
+def _series_name(series: Any) -> str:
+    ids = (series.patient.id if series.patient is not None else 0, series.study.id if series.study else 0, series.id)
+    return "-".join(str(i) for i in ids)
+
+
+def _check_complete(path: Path, series: Any, slices: list[Any]) -> None:
+    """Refuse a series with fewer readable B-scans than it declares or holds records for (module docstring)."""
+    started = sum(1 for sl in series.slices.values() if sl.folders.get(T_BSCANMETA) or _images(sl, BSCAN_IMAGE))
+    try:
+        declared = max((int(sl.get_meta()["n_bscans"]) for sl in slices), default=0)
+    except OverflowError as exc:  # eyepy's B-scan time parser: a FILETIME beyond year 9999
+        problem = f"series {_series_name(series)}: a B-scan acquisition time is beyond the calendar: the file is damaged"
+        raise _fail(path, problem) from exc
+    expected = max(started, declared)
+    if len(slices) < expected:
+        raise _fail(
+            path, f"series {_series_name(series)} declares {expected} B-scans but only {len(slices)} can be read "
+            "(metadata or image records are damaged or missing); the series is not read in part",
+        )
+
+
 def _series_volume(path: Path, digest: str, series: Any, slices: list[Any]) -> Volume:
     metas = [sl.get_meta() for sl in slices]
     bscans = np.stack([display_from_linear(sl.get_bscan()) for sl in slices]).astype(np.float32, copy=False)
     pattern = _PATTERNS.get(int(metas[0]["scan_pattern"])) or ("volume" if len(slices) > 1 else "line")
     positions, spacing = _geometry(metas, pattern)
     localizer = _localizer(series, slices)
-    patient_id, name, birth = _patient(series)
-    acquired, visit = _times(series, slices[0])
-    ids = (series.patient.id if series.patient is not None else 0, series.study.id if series.study else 0, series.id)
+    patient_id, name, birth = _patient(path, series)
+    acquired, visit = _times(path, series, slices[0])
     loc_spacing = None
     if localizer is not None:
         field_mm = LOCALIZER_FIELD_DEG * MM_PER_DEGREE
         loc_spacing = (field_mm / localizer.shape[1], field_mm / localizer.shape[0])
     meta = VolumeMeta(
         source_path=str(path), source_sha256=digest, source_format="heyex-e2e",
-        series_uid="-".join(str(i) for i in ids), patient_id=patient_id, eye=_eye(series),
+        series_uid=_series_name(series), patient_id=patient_id, eye=_eye(series),
         visit_date=visit, acquired_at=acquired, device=_device(series), scan_pattern=pattern,
         spacing=spacing, positions=positions, localizer_spacing_mm=loc_spacing,
         birth_date=birth, patient_name=name,
@@ -236,14 +291,17 @@ def read_e2e(path: Path) -> list[Volume]:
 
     path = Path(path)
     _check_directory(path)
-    digest = sha256_of_files([path])
+    digest = source_sha256([path])
     try:
         with HeE2eReader(path) as reader:
             found = [(s, _oct_slices(s)) for s in reader.series]
-            volumes = [_series_volume(path, digest, s, slices) for s, slices in found if slices]
+            if not any(slices for _, slices in found):
+                raise _fail(path, f"no OCT series with B-scans in the file ({len(found)} series found)")
+            for series, slices in found:
+                _check_complete(path, series, slices)
+            return [_series_volume(path, digest, s, slices) for s, slices in found if slices]
+    except ReadError:
+        raise
     # eyepy and its construct parser raise many unrelated types on damaged content; all mean "unreadable"
     except Exception as exc:
-        raise _fail(path, f"cannot parse the E2E content ({type(exc).__name__}: {one_line(exc)})") from exc
-    if not volumes:
-        raise _fail(path, f"no OCT series with B-scans in the file ({len(found)} series found)")
-    return volumes
+        raise _fail(path, f"cannot parse the E2E content ({one_line(exc)})") from exc
