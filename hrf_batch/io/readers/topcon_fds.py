@@ -25,6 +25,12 @@ height_mm / B-scans (the sample-size convention HEYEX also uses), only for raste
 The minimised test fixture keeps 6x6 mm over a 2x4 grid of A-scans x B-scans, so its 3 mm / 1.5 mm
 follow the header, not the anatomy.
 
+Damaged files: the chunk list is walked with seeks, each chunk checked to lie inside the file, and the
+``@IMG_SCAN_03`` header is checked (sizes consistent, within the limits of :mod:`hrf_batch.io.volume`)
+before its pixels are read, so a damaged header is refused without reading or allocating what it
+declares. Only the chunks used below are read. An impossible acquisition date refuses the file; an
+impossible birth date is left out with a warning that does not repeat it.
+
 Not read: per-B-scan positions. The file has none; ``@EFFECTIVE_SCAN_RANGE`` gives the scan's
 bounding box on the full-size fundus, but neither the B-scan order along it nor the fundus pixel
 size is recorded, so ``positions`` stays empty and ``localizer_spacing_mm`` is None.
@@ -36,13 +42,13 @@ import logging
 import struct
 from datetime import date, datetime
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from hrf_batch.errors import ReadError
-from hrf_batch.io.hashing import sha256_of_files
-from hrf_batch.io.readers.raw import read_bytes
-from hrf_batch.io.volume import Spacing, Volume, VolumeMeta
+from hrf_batch.io.readers.raw import file_size, source_sha256
+from hrf_batch.io.volume import Spacing, Volume, VolumeMeta, check_declared_size, check_localizer_size
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,10 @@ HW_CHUNKS = ("@HW_INFO_03", "@HW_INFO_02", "@HW_INFO_01")
 PATTERNS = {2: "volume", 3: "radial"}
 EYES = {0: "OD", 1: "OS"}
 RAW_MAX = 2**16 - 1
+PATIENT_CHUNK = "@PATIENT_INFO_02"
+FUNDUS_CHUNK = "@IMG_OBS"
+# The chunks this reader uses; others (thumbnails, segmentations, ...) are never read.
+USED_CHUNKS = (*PARAM_SCAN_OFFSETS, *CAPTURE_OFFSETS, PATIENT_CHUNK, *HW_CHUNKS, FUNDUS_CHUNK)
 _HINT = "the file is damaged or not a Topcon .fds export: export it again from the Topcon software or remove it"
 
 
@@ -81,47 +91,64 @@ def _need(path: Path, chunks: dict[str, memoryview], name: str, size: int) -> me
     return data
 
 
-def _chunks(path: Path, raw: bytes) -> dict[str, memoryview]:
-    """Walk the chunk list; every chunk must lie wholly inside the file. First occurrence wins."""
-    if len(raw) == 0:
+def _index(path: Path, fh: BinaryIO, size: int) -> dict[str, tuple[int, int]]:
+    """Walk the chunk list with seeks: name -> (data offset, length). Every chunk must lie wholly inside
+    the file; the first occurrence of a name wins. Nothing but names and sizes is read."""
+    if size == 0:
         raise ReadError(path, "file is empty (0 bytes)", _HINT)
-    if len(raw) < FILE_HEADER.size:
-        problem = f"file is truncated: {len(raw)} bytes, the .fds header alone has {FILE_HEADER.size}"
+    head = fh.read(FILE_HEADER.size)
+    if len(head) < FILE_HEADER.size:
+        problem = f"file is truncated: {len(head)} bytes, the .fds header alone has {FILE_HEADER.size}"
         raise ReadError(path, problem, _HINT)
-    if not is_fds(raw):
+    if not is_fds(head):
         raise ReadError(path, "not a Topcon .fds file (no 'FOCTFDS' signature)", _HINT)
-    view = memoryview(raw)
-    chunks: dict[str, memoryview] = {}
+    index: dict[str, tuple[int, int]] = {}
     pos = FILE_HEADER.size
-    while pos < len(raw) and raw[pos] != 0:
-        name_len = raw[pos]
-        name_end = pos + 1 + name_len
-        if name_end + 4 > len(raw):
+    while pos < size:
+        fh.seek(pos)
+        first = fh.read(1)
+        if not first or first[0] == 0:
+            break
+        name_len = first[0]
+        rest = fh.read(name_len + 4)
+        if len(rest) < name_len + 4:
             raise ReadError(path, f"file is truncated inside the chunk header at byte {pos}", _HINT)
-        name_bytes = raw[pos + 1 : name_end]
+        name_bytes = rest[:name_len]
         if not (name_bytes.startswith(b"@") and all(0x21 <= b <= 0x7E for b in name_bytes)):
             raise ReadError(path, f"malformed chunk name at byte {pos}: {name_bytes[:16]!r}", _HINT)
         name = name_bytes.decode("ascii")
-        (size,) = struct.unpack_from("<I", raw, name_end)
-        start = name_end + 4
-        if start + size > len(raw):
+        (length,) = struct.unpack_from("<I", rest, name_len)
+        start = pos + 1 + name_len + 4
+        if start + length > size:
             raise ReadError(
-                path, f"file is truncated: chunk {name} declares {size} bytes, {len(raw) - start} remain", _HINT
+                path, f"file is truncated: chunk {name} declares {length} bytes, {size - start} remain", _HINT
             )
-        chunks.setdefault(name, view[start : start + size])
-        pos = start + size
-    return chunks
+        index.setdefault(name, (start, length))
+        pos = start + length
+    return index
 
 
-def _scan(path: Path, chunks: dict[str, memoryview]) -> tuple[int, np.ndarray]:
-    """Scan mode and the raw uint16 B-scans ``(n, depth, A-scans)`` from ``@IMG_SCAN_03``."""
-    if SCAN_CHUNK not in chunks:
-        found = sorted(n for n in chunks if n.startswith("@IMG_SCAN")) or ["none"]
+def _read_chunk(path: Path, fh: BinaryIO, at: int, length: int) -> memoryview:
+    fh.seek(at)
+    data = fh.read(length)
+    if len(data) < length:  # the file shrank since it was indexed
+        raise ReadError(path, f"file is truncated: {len(data)} of {length} bytes at byte {at}", _HINT)
+    return memoryview(data)
+
+
+def _scan(path: Path, fh: BinaryIO, index: dict[str, tuple[int, int]]) -> tuple[int, np.ndarray]:
+    """Scan mode and the raw uint16 B-scans ``(n, depth, A-scans)`` from ``@IMG_SCAN_03``; the header
+    is checked before the pixels are read."""
+    if SCAN_CHUNK not in index:
+        found = sorted(n for n in index if n.startswith("@IMG_SCAN")) or ["none"]
         raise ReadError(
             path, f"missing {SCAN_CHUNK} chunk (OCT pixels); image-scan chunks found: {', '.join(found)}", _HINT
         )
-    data = _need(path, chunks, SCAN_CHUNK, SCAN_HEADER.size)
-    mode, width, height, bits, n, _fmt, size = SCAN_HEADER.unpack_from(data, 0)
+    at, length = index[SCAN_CHUNK]
+    if length < SCAN_HEADER.size:
+        problem = f"sizes inconsistent: chunk {SCAN_CHUNK} has {length} bytes, needs at least {SCAN_HEADER.size}"
+        raise ReadError(path, problem, _HINT)
+    mode, width, height, bits, n, _fmt, size = SCAN_HEADER.unpack(_read_chunk(path, fh, at, SCAN_HEADER.size))
     if min(width, height, n) == 0:
         raise ReadError(path, f"sizes inconsistent: {SCAN_CHUNK} declares {n} B-scans of {height}x{width}", _HINT)
     if bits != 16:
@@ -132,8 +159,12 @@ def _scan(path: Path, chunks: dict[str, memoryview]) -> tuple[int, np.ndarray]:
             path, f"sizes inconsistent: {SCAN_CHUNK} declares {size} bytes for {n}x{height}x{width} 16-bit pixels "
             f"({expected} bytes)", _HINT,
         )
-    _need(path, chunks, SCAN_CHUNK, SCAN_HEADER.size + size)
-    pixels = np.frombuffer(data, dtype="<u2", count=width * height * n, offset=SCAN_HEADER.size)
+    if length < SCAN_HEADER.size + size:
+        problem = f"sizes inconsistent: chunk {SCAN_CHUNK} has {length} bytes, needs at least {SCAN_HEADER.size + size}"
+        raise ReadError(path, problem, _HINT)
+    check_declared_size(path, n, height, width, hint=_HINT)
+    data = _read_chunk(path, fh, at + SCAN_HEADER.size, size)
+    pixels = np.frombuffer(data, dtype="<u2", count=width * height * n)
     return mode, pixels.reshape(n, height, width)
 
 
@@ -181,14 +212,21 @@ def _capture(path: Path, chunks: dict[str, memoryview]) -> tuple[str, datetime |
 
 
 def _patient(path: Path, chunks: dict[str, memoryview]) -> tuple[str, str, date | None]:
-    """Patient id, name ("given surname") and birth date from ``@PATIENT_INFO_02``."""
-    name = "@PATIENT_INFO_02"
+    """Patient id, name ("given surname") and birth date from ``@PATIENT_INFO_02``. An impossible birth
+    date is left out with a warning that does not repeat it (it identifies the patient)."""
+    name = PATIENT_CHUNK
     if name not in chunks:
         return "", "", None
     data = _need(path, chunks, name, 111)
     full_name = " ".join(part for part in (_text(data[32:64]), _text(data[64:96])) if part)
-    born = _datetime(path, struct.unpack_from("<3H", data, 105) + (0, 0, 0), "birth date")
-    return _text(data[:32]), full_name, born.date() if born else None
+    year, month, day = struct.unpack_from("<3H", data, 105)
+    born = None
+    if year or month or day:
+        try:
+            born = date(year, month, day)
+        except ValueError:
+            log.warning("%s: the patient's birth date is not a valid date; it is left out", path)
+    return _text(data[:32]), full_name, born
 
 
 def _device(chunks: dict[str, memoryview]) -> str:
@@ -200,12 +238,18 @@ def _device(chunks: dict[str, memoryview]) -> str:
 
 def _fundus(path: Path, chunks: dict[str, memoryview]) -> np.ndarray | None:
     """The fundus photo from ``@IMG_OBS`` as float32 grey 0..255 (BT.601 luma of the BGR pixels)."""
-    name = "@IMG_OBS"
+    name = FUNDUS_CHUNK
     if name not in chunks:
         return None
     data = _need(path, chunks, name, IMAGE_HEADER.size)
     width, height, bits, _slices, _fmt, size = IMAGE_HEADER.unpack_from(data, 0)
     _need(path, chunks, name, IMAGE_HEADER.size + size)
+    if width * height:
+        try:
+            check_localizer_size(path, height, width, hint=_HINT)
+        except ReadError as exc:  # the OCT scan is still usable without its fundus photo
+            log.warning("fundus image not used as a localizer: %s", exc)
+            return None
     channels = {24: 3, 8: 1}.get(bits)
     if channels is None or size != width * height * channels or width * height == 0:
         log.warning("%s: fundus image in %s not decoded (%d-bit, %dx%d, %d bytes); no localizer",
@@ -221,13 +265,18 @@ def _fundus(path: Path, chunks: dict[str, memoryview]) -> np.ndarray | None:
 def read_fds(path: Path) -> list[Volume]:
     """Read one Topcon `.fds` file into one Volume (its OCT scan) on the 0..255 display scale."""
     path = Path(path)
-    raw = read_bytes(path)
-    chunks = _chunks(path, raw)
-    mode, pixels = _scan(path, chunks)
+    size = file_size(path)
+    try:
+        with open(path, "rb") as fh:
+            index = _index(path, fh, size)
+            mode, pixels = _scan(path, fh, index)
+            chunks = {name: _read_chunk(path, fh, *index[name]) for name in USED_CHUNKS if name in index}
+    except OSError as exc:
+        raise ReadError.unreadable(path, exc) from exc
     pattern = _pattern(mode, pixels.shape[0])
     eye, acquired = _capture(path, chunks)
     patient_id, patient_name, born = _patient(path, chunks)
-    sha = sha256_of_files([path])
+    sha = source_sha256([path])
     meta = VolumeMeta(
         source_path=str(path), source_sha256=sha, source_format="topcon-fds", series_uid=sha[:16],
         patient_id=patient_id, eye=eye, visit_date=acquired.date() if acquired else None, acquired_at=acquired,
