@@ -15,7 +15,7 @@ from datetime import date
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from hrf_batch.errors import HrfBatchError, NotOctError, ReadError
+from hrf_batch.errors import HrfBatchError, NotOctError, ReadError, one_line
 from hrf_batch.io.readers import OCT_SUFFIXES, SUPPORTED, read_head, read_source, sniff
 from hrf_batch.io.volume import Volume, VolumeMeta
 
@@ -148,9 +148,16 @@ def read_sources(sources: Iterable[Source]) -> Iterator[Volume | FileIssue]:
             yield FileIssue(source.path, str(exc), "skipped")
         except HrfBatchError as exc:
             yield FileIssue(source.path, str(exc), "error")
+        except MemoryError:  # readers check sizes first; this is a file that is legitimately too big here
+            log.exception("out of memory reading %s", source.path)
+            reason = "reading it needs more memory than is free"
+            hint = "read it on a machine with more memory, or remove it from the study folder"
+            yield FileIssue(source.path, f"{source.path}: {reason} — {hint}", "error")
         except Exception as exc:  # a reader bug on one file must not stop a study; it is recorded, not hidden
             log.exception("unexpected failure reading %s", source.path)
-            yield FileIssue(source.path, f"{source.path}: unexpected {type(exc).__name__}: {exc}", "error")
+            reason = f"the {source.format} reader failed on this file ({one_line(exc, 160)})"
+            hint = "the file may be damaged; the log has the details — please report it if the device software opens the file"
+            yield FileIssue(source.path, f"{source.path}: {reason} — {hint}", "error")
 
 
 VisitKey = tuple[str, date | None, str]
