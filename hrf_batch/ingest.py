@@ -4,6 +4,10 @@ A volume whose file (sha256) and series were already processed with the same mod
 parameters and code version is skipped, so an interrupted ingest simply resumes. A file that
 cannot be read and a volume the pipeline fails on are recorded in the database and the walk goes
 on; nothing already stored is touched.
+
+Volumes enter through the same reading path as `scan` and `info` (discovery, then the readers'
+validation), which normalises the patient id (:func:`~hrf_batch.io.volume.normalise_patient_id`), so
+the id stored is the id those commands show. Nothing here logs a name or a birth date.
 """
 
 from __future__ import annotations

@@ -10,8 +10,10 @@ first B-scan of the file, and ``positions[i]`` says where B-scan ``i`` lies on t
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
@@ -44,6 +46,14 @@ MAX_VOLUME_BYTES = 4 * 2**30
 # reset (1970, 2000) stay inside it and are kept.
 EARLIEST_DATE = date(1900, 1, 1)
 LATEST_DATE = date(2099, 12, 31)
+# Patient ids as stored: at most 64 characters (the DICOM LO limit), so every backend and every export
+# takes them; an id that had to be cut or cleaned keeps a hash of the original, so two never merge.
+PATIENT_ID_MAX = 64
+PATIENT_ID_HASH_HEX = 10
+UNKNOWN_PATIENT_PREFIX = "unknown-"
+# control and format characters, lone surrogates (undecodable bytes) and line/paragraph separators:
+# NUL cannot be stored in PostgreSQL, and the others break one-line output or hide characters
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
 _DAMAGED_HINT = "the file is damaged: export the scan again from the device software, or remove it from the study folder"
 
 
@@ -201,7 +211,8 @@ def validate_volume(volume: Volume) -> Volume:
     A damaged file must fail here, with its reason, and not later as NaN scores, a database constraint
     error or an HRF count of 0 over empty pixels. An impossible birth date is the one exception: the
     analysis never needs it, so it is dropped with a warning that does not repeat it (it identifies the
-    patient). Returns the volume, or a copy without that birth date.
+    patient). The patient id leaves here normalised (:func:`normalise_patient_id`), so `info`, `scan`,
+    ingest and reports all see the id that is stored. Returns the volume, or a corrected copy.
     """
     meta = volume.meta
     path = meta.source_path
@@ -247,7 +258,58 @@ def validate_volume(volume: Volume) -> Volume:
     if meta.birth_date is not None and not _in_date_range(meta.birth_date):
         log.warning("%s: %sbirth date outside %d-%d left out (damaged field)", path, series, EARLIEST_DATE.year, LATEST_DATE.year)
         volume = Volume(bscans=volume.bscans, meta=dataclasses.replace(meta, birth_date=None), localizer=loc)
-    return volume
+    return with_normalised_patient_id(volume)
+
+
+def _strip_padding(text: str) -> str:
+    """Without surrounding whitespace and NULs: DICOM pads with spaces, C-string header fields with NUL."""
+    start, end = 0, len(text)
+    while start < end and (text[start].isspace() or text[start] == "\0"):
+        start += 1
+    while end > start and (text[end - 1].isspace() or text[end - 1] == "\0"):
+        end -= 1
+    return text[start:end]
+
+
+def normalise_patient_id(raw: str, source_sha256: str) -> str:
+    """The one rule that turns a file's patient id into the id hrf-batch stores and shows.
+
+    Surrounding whitespace and NUL padding go, and the id is put in Unicode NFC so ids that look the
+    same are the same. An id with control characters (replaced by '_') or longer than
+    :data:`PATIENT_ID_MAX` characters (cut) gets ``-`` and the first hex digits of the sha256 of the
+    original id appended, so two different ids never become one patient. A missing id becomes
+    ``unknown-<first 12 hex of the source file's sha256>``: one pseudonym per file, never one shared
+    patient of every file without an id. Applying it twice changes nothing, so the store can apply it
+    again to whatever a library caller hands over.
+    """
+    text = _strip_padding(unicodedata.normalize("NFC", raw))
+    if not text:
+        if not source_sha256:
+            raise VolumeError("a volume without a patient id needs its source file's sha256 to name it")
+        return f"{UNKNOWN_PATIENT_PREFIX}{source_sha256[:12]}"
+    clean = "".join("_" if unicodedata.category(c) in _UNPRINTABLE else c for c in text)
+    if clean == text and len(clean) <= PATIENT_ID_MAX:
+        return clean
+    digest = hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).hexdigest()[:PATIENT_ID_HASH_HEX]
+    return f"{clean[:PATIENT_ID_MAX - PATIENT_ID_HASH_HEX - 1]}-{digest}"
+
+
+def with_normalised_patient_id(volume: Volume) -> Volume:
+    """The volume with its patient id through :func:`normalise_patient_id`, saying in the log when that
+    changed more than padding. The warning names the file but never the id: ids identify patients."""
+    meta = volume.meta
+    stored = normalise_patient_id(meta.patient_id, meta.source_sha256)
+    if stored == meta.patient_id:
+        return volume
+    series = f"series {meta.series_uid}: " if meta.source_format in ("heyex-e2e", "heyex-xml") else ""
+    if stored.startswith(UNKNOWN_PATIENT_PREFIX) and not _strip_padding(meta.patient_id):
+        log.warning("%s: %sthe file names no patient; stored as patient %s (from the file's sha256)",
+                    meta.source_path, series, stored)
+    elif stored != _strip_padding(unicodedata.normalize("NFC", meta.patient_id)):
+        log.warning("%s: %sthe patient id has control characters or more than %d characters; stored shortened "
+                    "and cleaned, with a hash of the original that keeps it apart from every other id",
+                    meta.source_path, series, PATIENT_ID_MAX)
+    return Volume(bscans=volume.bscans, meta=dataclasses.replace(meta, patient_id=stored), localizer=volume.localizer)
 
 
 def meta_to_dict(meta: VolumeMeta, *, show_identifiers: bool = True) -> dict[str, Any]:

@@ -3,10 +3,13 @@
 :func:`prepare` does all the numpy work and every check, so the transaction in :func:`persist` is short
 and a bad result never touches the database. Patients, visits and volumes are upserted: a volume is the
 same when its source file hash and series uid are; its metadata is refreshed from the latest reading.
+The patient id is stored through the readers' own rule (:func:`stored_meta`), so both backends get the
+same id whoever built the metadata.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
@@ -16,7 +19,8 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from hrf_batch.io.volume import VolumeMeta
+from hrf_batch.errors import VolumeError
+from hrf_batch.io.volume import VolumeMeta, normalise_patient_id
 from hrf_batch.results import BScanResult, Lesion, RunInfo, VolumeResult
 from hrf_batch.store import codec
 from hrf_batch.store.errors import StoreError
@@ -32,6 +36,17 @@ from hrf_batch.store.schema import (
 )
 
 _BUG_HINT = "this is a bug in the pipeline output; please report it with the file that caused it"
+
+
+def stored_meta(meta: VolumeMeta) -> VolumeMeta:
+    """The metadata as it is stored: the patient id through the one normalisation rule (readers
+    already apply it; a library caller's metadata gets the same)."""
+    try:
+        patient_id = normalise_patient_id(meta.patient_id, meta.source_sha256)
+    except VolumeError as exc:
+        raise StoreError(f"{meta.source_path}: {exc.problem}", "give the volume a patient id or its "
+                         "source file's sha256") from exc
+    return dataclasses.replace(meta, patient_id=patient_id)
 
 
 def utc_now() -> datetime:
@@ -82,8 +97,9 @@ def prepare(result: VolumeResult) -> Prepared:
         raise StoreError(f"{result.meta.source_path}: B-scan indices repeat or are negative", _BUG_HINT)
     n_bscans = max(len(result.meta.positions), max(indices) + 1)
     bscans = tuple(_bscan_fields(b, result.meta, (height, width)) for b in result.bscans)
+    meta = stored_meta(result.meta)
     return Prepared(
-        meta=result.meta, run=result.run, key=RunKey.of(result.meta, result.run),
+        meta=meta, run=result.run, key=RunKey.of(meta, result.run),
         parameters=codec.normalise_parameters(result.run.parameters), n_bscans=n_bscans,
         bscan_shape=(height, width), bscans=bscans,
     )
@@ -186,6 +202,7 @@ def persist_failed(
     started_at: datetime,
 ) -> RunRow:
     """Record a run that failed; a done run with the same key stays untouched and is returned."""
+    meta = stored_meta(meta)
     volume = upsert_volume(session, meta, n_bscans, bscan_shape)
     key = RunKey.of(meta, run)
     row = _run_with_key(session, volume.id, key)
