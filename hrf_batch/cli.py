@@ -106,10 +106,13 @@ def _guard_options(func: Callable[..., Any]) -> Callable[..., Any]:
 @_friendly
 def info(path: Path, as_json: bool, show_identifiers: bool) -> None:
     """Print what was read from one OCT file: shape, spacing, eye, patient, dates, positions."""
+    from hrf_batch.io.discover import display_text
     from hrf_batch.io.readers import read_volumes
     from hrf_batch.io.volume import volume_summary
 
     summaries = [volume_summary(v, show_identifiers=show_identifiers) for v in read_volumes(path)]
+    for summary in summaries:  # the path as the database stores it, also for a name that is not UTF-8
+        summary["source_path"] = display_text(summary["source_path"])
     if as_json:
         click.echo(json.dumps(summaries if len(summaries) > 1 else summaries[0], indent=2))
         return

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from hrf_batch.config import Settings
 from hrf_batch.errors import HrfBatchError, one_line
-from hrf_batch.io.discover import FileIssue, discover, read_sources
+from hrf_batch.io.discover import FileIssue, discover, display_text, read_sources
 from hrf_batch.io.volume import Volume
 from hrf_batch.model.classify import Classifier, load_classifier
 from hrf_batch.pipeline import PipelineParams, run_info, run_volume
@@ -55,7 +55,7 @@ class IngestSummary:
             f"files not OCT (skipped): {self.not_oct}",
             f"HRFs found: {self.hrf_count} in {self.bscans} B-scans processed now, {self.seconds:.1f} s",
         ]
-        lines += [f"FAILED {path}: {reason}" for path, reason in self.failures]
+        lines += [f"FAILED {display_text(path)}: {display_text(reason)}" for path, reason in self.failures]
         return "\n".join(lines)
 
 
@@ -65,7 +65,7 @@ def _process(volume: Volume, ctx: "_Context", summary: IngestSummary, progress: 
         summary.already_done += 1
         return
     started = utc_now()
-    name = Path(volume.meta.source_path).name
+    name = display_text(Path(volume.meta.source_path).name)
     bar = tqdm(total=ctx.params.max_iterations + 1, desc=f"{name} {volume.meta.eye}", unit="step", leave=False,
                disable=not progress)
     stage = "pipeline"

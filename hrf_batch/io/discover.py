@@ -4,11 +4,16 @@ Each file ends in exactly one place: a :class:`Source` to read, or a :class:`Fil
 why it was skipped (not OCT) or failed (looks like OCT but cannot be read). Single-frame DICOM
 instances are grouped into one source per series; TIFFs named by a HEYEX XML export and DICOM
 localizers are reported as skipped, since the OCT series that references them reads them.
+
+File names need not be UTF-8. Paths keep their real bytes for reading; :func:`display_text` is the
+form that goes into the database, the CSVs, the PDFs and the console.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date
@@ -47,6 +52,37 @@ class FileIssue:
 class Discovery:
     sources: list[Source] = field(default_factory=list)
     issues: list[FileIssue] = field(default_factory=list)
+
+
+def display_text(text: str | bytes | os.PathLike[str]) -> str:
+    """Text that every database, CSV and console takes: a byte of a file name that is not UTF-8
+    (a lone surrogate from ``os.fsdecode``) becomes ``\\xNN``, a NUL becomes ``\\x00``.
+
+    Valid text comes back unchanged, so applying it twice changes nothing; :func:`path_from_display`
+    finds the real path again.
+    """
+    value = os.fspath(text)
+    if isinstance(value, bytes):
+        value = os.fsdecode(value)
+    try:
+        shown = value.encode("utf-8", errors="surrogateescape").decode("utf-8", errors="backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name produced: show its code point instead
+        shown = value.encode("utf-8", errors="backslashreplace").decode("utf-8")
+    return shown.replace("\0", "\\x00")
+
+
+_BYTE_ESCAPE = re.compile(r"\\x([89a-f][0-9a-f])")
+
+
+def path_from_display(shown: str) -> Path:
+    """The real path behind a stored :func:`display_text` path: the path itself when it exists, else the
+    one with each ``\\xNN`` (NN ≥ 80, what ``display_text`` writes for a non-UTF-8 byte) turned back
+    into its byte. Callers check the file's sha256 before they trust what they find."""
+    path = Path(shown)
+    if path.exists() or not _BYTE_ESCAPE.search(shown):
+        return path
+    raw = _BYTE_ESCAPE.sub(lambda m: os.fsdecode(bytes([int(m.group(1), 16)])), shown)
+    return Path(raw)
 
 
 def _files(root: Path) -> list[Path]:

@@ -1,11 +1,15 @@
-"""Read a whole study folder: discovery plus reading, grouped by patient, visit and eye."""
+"""Read a whole study folder: discovery plus reading, grouped by patient, visit and eye.
+
+Paths in the listing are :func:`~hrf_batch.io.discover.display_text`, the form the database stores, so
+`scan` and `ingest` name a file with a name that is not UTF-8 the same way.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Iterator
 
-from hrf_batch.io.discover import FileIssue, discover, group_by_visit, read_sources
+from hrf_batch.io.discover import FileIssue, discover, display_text, group_by_visit, read_sources
 from hrf_batch.io.volume import Volume, volume_summary
 
 
@@ -23,10 +27,11 @@ def scan_study(study_dir: Path) -> dict[str, Any]:
     issues = []
     for item in iter_study(study_dir):
         if isinstance(item, FileIssue):
-            issues.append({"path": str(item.path), "kind": item.kind, "reason": item.reason})
+            issues.append({"path": display_text(item.path), "kind": item.kind, "reason": display_text(item.reason)})
             continue
         summary = volume_summary(item, show_identifiers=False)
         summary.pop("positions")
+        summary["source_path"] = display_text(summary["source_path"])
         summaries[f"{item.meta.source_path}#{item.meta.series_uid}"] = summary
         metas.append(item.meta)
     visits = [

@@ -2,7 +2,8 @@
 
 The store keeps masks and relevance maps but not the images, so the gallery and the en-face map
 read the source again. The pixels are used only when the file's sha256 is still the one analysed:
-an edited or replaced export would put the stored outlines on the wrong image.
+an edited or replaced export would put the stored outlines on the wrong image. A file name that is not
+UTF-8 is stored in its display form; :func:`~hrf_batch.io.discover.path_from_display` finds the file.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from hrf_batch.errors import HrfBatchError
-from hrf_batch.io.discover import discover, read_sources
+from hrf_batch.io.discover import discover, display_text, path_from_display, read_sources
 from hrf_batch.io.readers import read_source
 from hrf_batch.io.volume import Volume
 from hrf_batch.store import StoredVolume
@@ -47,7 +48,7 @@ class SourceReader:
 
     def pixels(self, volume: StoredVolume) -> SourcePixels:
         """The pixels of ``volume`` if its source is still there and unchanged, else the reason why not."""
-        path = Path(volume.source_path)
+        path = path_from_display(volume.source_path)
         if not volume.source_path or not path.exists():
             return SourcePixels.unavailable(f"{volume.source_format} source no longer at its stored path")
         try:
@@ -55,7 +56,7 @@ class SourceReader:
         except (HrfBatchError, OSError) as exc:
             log.info("cannot re-read %s for the report: %s", path, exc)
             return SourcePixels.unavailable(f"the file can no longer be read ({type(exc).__name__})")
-        match = [v for v in candidates if v.meta.series_uid == volume.series_uid]
+        match = [v for v in candidates if display_text(v.meta.series_uid) == volume.series_uid]
         if not match:
             return SourcePixels.unavailable("the file no longer holds the analysed series")
         found = match[0]

@@ -3,8 +3,10 @@
 :func:`prepare` does all the numpy work and every check, so the transaction in :func:`persist` is short
 and a bad result never touches the database. Patients, visits and volumes are upserted: a volume is the
 same when its source file hash and series uid are; its metadata is refreshed from the latest reading.
-The patient id is stored through the readers' own rule (:func:`stored_meta`), so both backends get the
-same id whoever built the metadata.
+
+Text reaches the tables through :func:`stored_meta` and :func:`~hrf_batch.io.discover.display_text`, so
+both backends get the same rows: the patient id normalised by the readers' own rule, and file names that
+are not UTF-8 (and any NUL, which PostgreSQL refuses) as ``\\xNN`` escapes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from hrf_batch.errors import VolumeError
+from hrf_batch.io.discover import display_text
 from hrf_batch.io.volume import VolumeMeta, normalise_patient_id
 from hrf_batch.results import BScanResult, Lesion, RunInfo, VolumeResult
 from hrf_batch.store import codec
@@ -36,17 +39,25 @@ from hrf_batch.store.schema import (
 )
 
 _BUG_HINT = "this is a bug in the pipeline output; please report it with the file that caused it"
+NAME_MAX = 256  # patient_identifiers.name and volumes.device are VARCHAR(256)
 
 
 def stored_meta(meta: VolumeMeta) -> VolumeMeta:
     """The metadata as it is stored: the patient id through the one normalisation rule (readers
-    already apply it; a library caller's metadata gets the same)."""
+    already apply it; a library caller's metadata gets the same), text columns valid UTF-8 without NUL."""
     try:
         patient_id = normalise_patient_id(meta.patient_id, meta.source_sha256)
     except VolumeError as exc:
-        raise StoreError(f"{meta.source_path}: {exc.problem}", "give the volume a patient id or its "
+        raise StoreError(f"{display_text(meta.source_path)}: {exc.problem}", "give the volume a patient id or its "
                          "source file's sha256") from exc
-    return dataclasses.replace(meta, patient_id=patient_id)
+    return dataclasses.replace(
+        meta,
+        patient_id=patient_id,
+        source_path=display_text(meta.source_path),
+        series_uid=display_text(meta.series_uid),
+        device=display_text(meta.device)[:NAME_MAX],
+        patient_name=display_text(meta.patient_name)[:NAME_MAX],
+    )
 
 
 def utc_now() -> datetime:
@@ -69,7 +80,7 @@ class RunKey:
     @classmethod
     def of(cls, meta: VolumeMeta, run: RunInfo) -> RunKey:
         return cls(
-            meta.source_sha256, meta.series_uid, run.model_id, run.segmenter,
+            meta.source_sha256, display_text(meta.series_uid), run.model_id, run.segmenter,
             run.segmenter_checkpoint_sha256 or "", codec.params_hash(run.parameters), run.code_version,
         )
 
@@ -211,7 +222,7 @@ def persist_failed(
         session.add(row)
     elif row.status == "done":
         return row
-    row.status, row.error, row.started_at, row.finished_at = "failed", error, started_at, utc_now()
+    row.status, row.error, row.started_at, row.finished_at = "failed", display_text(error), started_at, utc_now()
     session.flush()
     return row
 
@@ -290,6 +301,7 @@ def add_ingest_error(session: Session, path: str, reason: str, kind: str, batch_
     """One row in `ingest_errors`; ``kind`` is checked so a typo cannot hide a file."""
     if kind not in ("error", "skipped"):
         raise StoreError(f"ingest error kind must be 'error' or 'skipped', got {kind!r}", "pass one of the two kinds")
+    path, reason = display_text(path), display_text(reason)
     # the same file left out for the same reason again (a rerun) refreshes its row, adds none
     existing = session.scalars(
         select(IngestErrorRow).where(IngestErrorRow.path == str(path), IngestErrorRow.reason == reason,
