@@ -5,15 +5,21 @@ why it was skipped (not OCT) or failed (looks like OCT but cannot be read). Sing
 instances are grouped into one source per series; TIFFs named by a HEYEX XML export and DICOM
 localizers are reported as skipped, since the OCT series that references them reads them.
 
+The walk itself leaves a record too: a folder it cannot list, a broken symbolic link, a link back to
+a folder already searched (each real folder is searched once, so a link loop ends) and a FIFO,
+socket or device, which is never opened (reading a FIFO would wait forever).
+
 File names need not be UTF-8. Paths keep their real bytes for reading; :func:`display_text` is the
 form that goes into the database, the CSVs, the PDFs and the console.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import stat
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date
@@ -85,8 +91,91 @@ def path_from_display(shown: str) -> Path:
     return Path(raw)
 
 
-def _files(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+def _os_reason(exc: OSError) -> str:
+    return f"{type(exc).__name__}: {exc.strerror or exc}"
+
+
+_SPECIAL = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+            (stat.S_ISBLK, "a block device"))
+
+
+def _special_kind(mode: int) -> str:
+    return next((what for test, what in _SPECIAL if test(mode)), "not a regular file")
+
+
+def _walk(root: Path, disc: Discovery) -> list[Path]:
+    """The regular files under ``root`` (hidden names left out), sorted; a record for everything else.
+
+    Every real folder is searched once (by device and inode), so a symbolic link to an ancestor ends
+    the loop instead of the walk, and two links to one folder do not read its files twice. Nothing
+    that is not a regular file is opened.
+    """
+    files: list[Path] = []
+    root_stat = root.stat()
+    seen = {(root_stat.st_dev, root_stat.st_ino)}
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError as exc:
+            if folder == root:
+                raise HrfBatchError(f"study folder {display_text(root)} cannot be read ({_os_reason(exc)})",
+                                    "check that you may read the folder") from exc
+            disc.issues.append(FileIssue(
+                folder, f"{folder}: folder cannot be read ({_os_reason(exc)}); the files in it are left out — "
+                "check that you may read it", "error"))
+            continue
+        folders = []
+        for entry in entries:
+            path = Path(entry.path)
+            kind = _entry_kind(entry, path, disc)
+            if kind == "file":
+                files.append(path)
+            elif kind is not None:  # a folder: (device, inode) of what it really is
+                if kind in seen:
+                    disc.issues.append(FileIssue(
+                        path, f"{path}: link to a folder that is already searched (a link loop, or a second link to "
+                        "it); its files are read once", "skipped"))
+                    continue
+                seen.add(kind)
+                folders.append(path)
+        pending.extend(reversed(folders))  # depth first, in name order
+    return sorted(files)
+
+
+def _entry_kind(entry: os.DirEntry[str], path: Path, disc: Discovery) -> str | tuple[int, int] | None:
+    """'file', a folder's (device, inode), or None after recording why the entry gives nothing."""
+    is_link = False
+    try:
+        is_link = entry.is_symlink()
+        info = entry.stat(follow_symlinks=True)
+    except OSError as exc:
+        if is_link and exc.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR):
+            target = _link_target(path)
+            why = "is part of a loop of links" if exc.errno == errno.ELOOP else "points to nothing"
+            disc.issues.append(FileIssue(
+                path, f"{path}: symbolic link to {target} {why}; whatever it should reach is left out — fix or remove "
+                "the link", "error"))
+        else:
+            disc.issues.append(FileIssue(path, f"{path}: cannot be examined ({_os_reason(exc)})", "error"))
+        return None
+    if stat.S_ISDIR(info.st_mode):
+        return (info.st_dev, info.st_ino)
+    if stat.S_ISREG(info.st_mode):
+        return "file"
+    what = _special_kind(info.st_mode)
+    via = " (through a symbolic link)" if is_link else ""
+    disc.issues.append(FileIssue(path, f"{path}: {what}{via}, not a file; never opened", "skipped"))
+    return None
+
+
+def _link_target(path: Path) -> str:
+    try:
+        return display_text(os.readlink(path))
+    except OSError as exc:
+        return f"an unreadable target ({_os_reason(exc)})"
 
 
 def _classify(path: Path, disc: Discovery, dicoms: list[Path], xmls: list[Path], others: list[Path]) -> None:
@@ -162,7 +251,7 @@ def discover(study_dir: Path) -> Discovery:
     dicoms: list[Path] = []
     xmls: list[Path] = []
     others: list[Path] = []
-    for path in _files(root):
+    for path in _walk(root, disc):
         _classify(path, disc, dicoms, xmls, others)
     localizers = _group_dicoms(dicoms, disc)
     claimed = _claim_xml(xmls, disc)
