@@ -3,7 +3,10 @@
 Supported: SQLite (a file path or ``sqlite:///path``; the default is ``hrf_batch.sqlite`` in the current
 folder) and PostgreSQL (``postgresql://…``, driven by psycopg 3). A new, empty database is created at the
 newest schema revision; a database made by an older hrf-batch is never changed behind the user's back —
-opening it raises :class:`SchemaOutdatedError` until ``hrf-batch db upgrade`` runs :func:`upgrade`.
+opening it raises :class:`SchemaOutdatedError` until ``hrf-batch db upgrade`` runs :func:`upgrade`. A
+database that already holds other tables and no hrf-batch revision (another program's data, a mistyped
+``--db``) is refused before anything is written, by opening and by upgrading alike. On PostgreSQL
+"empty" means the schema the connection writes to (its search path), so other schemas may hold anything.
 """
 
 from __future__ import annotations
@@ -109,10 +112,15 @@ def current_revision(connection: Connection) -> str | None:
 
 
 def upgrade(url: str | None, revision: str = "head") -> str:
-    """Migrate the database to ``revision`` (default: newest) in one transaction; returns the new revision."""
+    """Migrate the database to ``revision`` (default: newest) in one transaction; returns the new revision.
+
+    A database of another program (tables, no hrf-batch revision) is refused, not given our tables."""
     resolved = resolve_url(url)
     engine = make_engine(resolved)
     try:
+        current, foreign = _inspect(engine, resolved)
+        if current is None and foreign:
+            raise _foreign_database(resolved, foreign)
         return migrate(engine, resolved, revision)
     finally:
         engine.dispose()
@@ -136,29 +144,44 @@ def migrate(engine: Engine, url: URL, revision: str = "head") -> str:
 def check_schema(engine: Engine, url: URL) -> None:
     """Create a new database at head, accept one at head, refuse anything else with what to do."""
     head = head_revision()
-    try:
-        with engine.connect() as connection:
-            current = current_revision(connection)
-            has_tables = inspect(connection).has_table("patients")
-    except SQLAlchemyError as exc:
-        raise StoreError(
-            f"cannot open database {display_url(url)}",
-            "check the URL, that the server is running and that you may connect",
-        ) from exc
+    current, foreign = _inspect(engine, url)
     if current == head:
         return
-    if current is None and not has_tables:
+    if current is None and not foreign:
         migrate(engine, url)
         return
+    if current is None:
+        raise _foreign_database(url, foreign)
     _raise_for_revision(url, current, head)
 
 
-def _raise_for_revision(url: URL, current: str | None, head: str) -> None:
-    where = display_url(url)
-    if current is None:
+def _inspect(engine: Engine, url: URL) -> tuple[str | None, list[str]]:
+    """The hrf-batch revision (None when there is none) and every other table and view, read only."""
+    try:
+        with engine.connect() as connection:
+            current = current_revision(connection)
+            found = inspect(connection)
+            names = set(found.get_table_names()) | set(found.get_view_names())
+    except SQLAlchemyError as exc:
         raise StoreError(
-            f"{where} has a 'patients' table but no hrf-batch schema revision", "use an empty or an hrf-batch database"
-        )
+            f"cannot open database {display_url(url)}",
+            "check the URL, that the server is running and that you may connect, and that a file is a SQLite database",
+        ) from exc
+    return current, sorted(names - {VERSION_TABLE})
+
+
+def _foreign_database(url: URL, names: list[str]) -> StoreError:
+    shown = ", ".join(names[:5]) + (f" … ({len(names)} in all)" if len(names) > 5 else "")
+    return StoreError(
+        f"{display_url(url)} is not an hrf-batch study database: it holds tables or views ({shown}) but no hrf-batch "
+        "schema revision; nothing was written to it",
+        "pass a new or empty database (a new SQLite file, or an empty PostgreSQL database or schema), or one that "
+        "hrf-batch created",
+    )
+
+
+def _raise_for_revision(url: URL, current: str, head: str) -> None:
+    where = display_url(url)
     try:
         known = ScriptDirectory.from_config(_alembic_config()).get_revision(current)
     except CommandError as exc:
