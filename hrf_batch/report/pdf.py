@@ -8,8 +8,10 @@ so a patient with many visits does not hold every B-scan in memory.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
+import unicodedata
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -56,7 +58,7 @@ def render_patient_report(
     store: Store, patient_id: str, out_dir: Path | str, *, show_identifiers: bool = False,
     gallery_size: int = GALLERY_SIZE, report_date: date | None = None,
 ) -> Path:
-    """Write ``<out_dir>/<patient_id>_hrf_report.pdf`` and return its path.
+    """Write ``<out_dir>/<report_stem(patient_id)>_hrf_report.pdf`` and return its path.
 
     Raises UnknownPatientError for an id that is not in the database, ReportError when the PDF
     cannot be written.
@@ -75,7 +77,7 @@ def render_patient_report(
         "unfinished": [_unfinished_row(v, show_identifiers) for v in store.unfinished_volumes(patient_id)],
     }
     context["settings"], context["provenance"] = provenance(volumes, show_identifiers)
-    return write_pdf(render_html(context), Path(out_dir) / f"{_safe_name(patient_id)}_hrf_report.pdf")
+    return write_pdf(render_html(context), Path(out_dir) / f"{report_stem(patient_id)}_hrf_report.pdf")
 
 
 def render_html(context: dict[str, Any]) -> str:
@@ -102,9 +104,25 @@ def write_pdf(html: str, path: Path) -> Path:
     return path
 
 
-def _safe_name(patient_id: str) -> str:
-    """The id as a file name: path separators and other odd characters become '_'."""
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in patient_id).strip(".") or "patient"
+STEM_MAX_BYTES = 120  # far below the 255 bytes a file name may have, with room for the suffix
+
+
+def report_stem(patient_id: str) -> str:
+    """The patient id as a file name that is safe and belongs to this id alone.
+
+    Letters (any script), digits, '-', '_' and inner '.' are kept; anything else (path separators,
+    control characters, spaces) becomes '_' and leading dots go, so a name can never leave the output
+    folder or hide. When that changed the id, or left it empty or too long, ``-`` and 8 hex digits of
+    the id's sha256 follow: ids that read the same after cleaning ('a/b', 'a\\b', 'a:b') still get
+    their own files, and ids that needed no cleaning keep their plain name (P012_hrf_report.pdf).
+    """
+    nfc = unicodedata.normalize("NFC", patient_id)
+    stem = "".join(c if (c.isalnum() and c.isprintable()) or c in "-_." else "_" for c in nfc).lstrip(".")
+    if stem == patient_id and stem and len(stem.encode("utf-8")) <= STEM_MAX_BYTES:
+        return stem
+    digest = hashlib.sha256(patient_id.encode("utf-8", errors="surrogatepass")).hexdigest()[:8]
+    cut = stem.encode("utf-8")[:STEM_MAX_BYTES].decode("utf-8", errors="ignore")
+    return f"{cut}-{digest}" if cut else f"patient-{digest}"
 
 
 def _data_uri(png: bytes) -> str:
