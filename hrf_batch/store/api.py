@@ -1,22 +1,28 @@
-"""The Store: one object per database, every method one short transaction, dataclasses in and out."""
+"""The Store: one object per database, every method one short transaction, dataclasses in and out.
+
+Several stores (in several processes) may write one database at once. Writes that clash on a unique
+key with rows another writer committed first are tried again, so the second writer finds those rows
+("already done") instead of failing.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from hrf_batch.io.volume import VolumeMeta
 from hrf_batch.results import RunInfo, VolumeResult
 from hrf_batch.store import read, write
-from hrf_batch.store.engine import check_schema, display_url, make_engine, resolve_url
+from hrf_batch.store.engine import check_schema, display_url, is_locked, locked_error, make_engine, resolve_url, writer
 from hrf_batch.store.errors import StoreError
 from hrf_batch.store.records import (
     IngestErrorRecord,
@@ -43,6 +49,12 @@ def open_store(url: str | None = None) -> Store:
     return Store(engine, resolved)
 
 
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_WRITE_ATTEMPTS = 4  # tries of one write in all, when it clashes with a concurrent writer
+_RETRY_SQLSTATES = ("40001", "40P01")  # PostgreSQL: serialization failure, deadlock detected
+
+
 class Store:
     """Reads and writes results; ORM rows stay inside, plain dataclasses come out."""
 
@@ -50,6 +62,7 @@ class Store:
         self._engine = engine
         self._url = url
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._write_sessions = sessionmaker(writer(engine), expire_on_commit=False)
 
     @property
     def url(self) -> str:
@@ -73,20 +86,40 @@ class Store:
 
     @contextmanager
     def _transaction(self, action: str) -> Iterator[Session]:
-        """A session in one transaction: commit on success, roll back everything on any error."""
+        """A session in one read transaction: commit on success, roll back everything on any error."""
         try:
             with self._sessions() as session, session.begin():
                 yield session
-        except IntegrityError as exc:
-            raise StoreError(
+        except SQLAlchemyError as exc:
+            raise self._failure(action, exc) from exc
+
+    def _write(self, action: str, work: Callable[[Session], T]) -> T:
+        """Run ``work`` in one write transaction; a clash with a concurrent writer runs it again on the
+        rows that writer committed (so a duplicate key becomes "already there"), other errors roll back."""
+        for attempt in range(1, _WRITE_ATTEMPTS + 1):
+            try:
+                with self._write_sessions() as session, session.begin():
+                    return work(session)
+            except SQLAlchemyError as exc:
+                if attempt < _WRITE_ATTEMPTS and _clashed(exc):
+                    log.info("%s in %s clashed with a concurrent writer (%s); trying again", action, self.url,
+                             type(getattr(exc, "orig", exc)).__name__)
+                    continue
+                raise self._failure(action, exc) from exc
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _failure(self, action: str, exc: SQLAlchemyError) -> StoreError:
+        if is_locked(exc):
+            return locked_error(f"{action} in {self.url}", "nothing was saved")
+        if isinstance(exc, IntegrityError):
+            return StoreError(
                 f"{action} in {self.url} clashed with rows written at the same time; nothing was saved",
                 "run the command again: finished volumes are skipped",
-            ) from exc
-        except SQLAlchemyError as exc:
-            raise StoreError(
-                f"{action} in {self.url} failed; nothing was saved",
-                "check that the database is reachable and writable, then run the command again",
-            ) from exc
+            )
+        return StoreError(
+            f"{action} in {self.url} failed; nothing was saved",
+            "check that the database is reachable and writable, then run the command again",
+        )
 
     def find_done_run(
         self, source_sha256: str, series_uid: str, model_id: str, segmenter: str,
@@ -114,23 +147,22 @@ class Store:
         """
         prepared = write.prepare(result)
         finished_at = write.utc_now()
-        with self._transaction(f"saving the results of {result.meta.source_path}") as session:
-            run = write.persist(session, prepared, started_at or finished_at, finished_at)
-            return read.run_record(run)
+        return self._write(f"saving the results of {result.meta.source_path}", lambda session: read.run_record(
+            write.persist(session, prepared, started_at or finished_at, finished_at)))
 
     def record_failed_run(
         self, meta: VolumeMeta, run: RunInfo, error: str, *, n_bscans: int, bscan_shape: tuple[int, int],
         started_at: datetime | None = None,
     ) -> RunRecord:
         """Keep a trace of a volume the pipeline could not finish (status 'failed' with the error text)."""
-        with self._transaction(f"recording the failed run of {meta.source_path}") as session:
-            row = write.persist_failed(session, meta, n_bscans, bscan_shape, run, error, started_at or write.utc_now())
-            return read.run_record(row)
+        started_at = started_at or write.utc_now()
+        return self._write(f"recording the failed run of {meta.source_path}", lambda session: read.run_record(
+            write.persist_failed(session, meta, n_bscans, bscan_shape, run, error, started_at)))
 
     def record_ingest_error(self, path: str | Path, reason: str, kind: str = "error", batch_id: str | None = None) -> None:
         """Remember a file an ingest left out: kind 'error' (unreadable OCT) or 'skipped' (not OCT)."""
-        with self._transaction(f"recording the ingest error for {path}") as session:
-            write.add_ingest_error(session, str(path), reason, kind, batch_id)
+        self._write(f"recording the ingest error for {path}",
+                    lambda session: write.add_ingest_error(session, str(path), reason, kind, batch_id))
 
     def ingest_errors(self, batch_id: str | None = None) -> list[IngestErrorRecord]:
         """Files left out by ingests, oldest first."""
@@ -166,3 +198,11 @@ class Store:
         """Rows of `hrf_burden_volume`, `hrf_burden_visit` or `hrf_burden_patient` as dataclasses."""
         with self._transaction(f"reading view {view}") as session:
             return read.view_rows(session, view, patient_id)
+
+
+def _clashed(exc: SQLAlchemyError) -> bool:
+    """A conflict with a concurrent writer that a new attempt resolves: a duplicate key, or on PostgreSQL a
+    serialization failure or deadlock."""
+    if isinstance(exc, IntegrityError):
+        return True
+    return isinstance(exc, OperationalError) and getattr(exc.orig, "sqlstate", None) in _RETRY_SQLSTATES

@@ -7,10 +7,17 @@ opening it raises :class:`SchemaOutdatedError` until ``hrf-batch db upgrade`` ru
 database that already holds other tables and no hrf-batch revision (another program's data, a mistyped
 ``--db``) is refused before anything is written, by opening and by upgrading alike. On PostgreSQL
 "empty" means the schema the connection writes to (its search path), so other schemas may hold anything.
+
+Several processes may use one database at once. SQLite files run in WAL mode (readers never block the
+writer) with a busy wait, and every write transaction starts with ``BEGIN IMMEDIATE`` (see :func:`writer`)
+so a writer queues for the write lock instead of failing when a read transaction turns into a write. A
+schema migration holds the write lock (SQLite) or an advisory lock (PostgreSQL), so two first runs on a
+new database create it once.
 """
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -19,14 +26,21 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Engine, create_engine, event, inspect
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from hrf_batch.store.claims import lock_key
 from hrf_batch.store.errors import SchemaOutdatedError, StoreError
 from hrf_batch.store.schema import VERSION_TABLE
 
+log = logging.getLogger(__name__)
+
 DEFAULT_SQLITE_FILE = "hrf_batch.sqlite"
+#: How long a SQLite connection waits for another one's write lock before giving up.
+SQLITE_BUSY_TIMEOUT_S = 30.0
+_WRITE = "hrf_batch_write"  # execution option: this connection's transactions will write
+_MIGRATION_LOCK = lock_key("schema migration")
 MIGRATIONS_DIR = Path(__file__).resolve().with_name("migrations")
 _URL_HINT = "use a file path, sqlite:///PATH or postgresql://USER@HOST:PORT/DATABASE"
 
@@ -77,12 +91,61 @@ def _sqlite_connect(dbapi_connection, _record) -> None:  # noqa: ANN001 - DBAPI 
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA foreign_keys = ON")
-    cursor.execute("PRAGMA busy_timeout = 30000")
+    cursor.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
     cursor.close()
 
 
 def _sqlite_begin(connection: Connection) -> None:
-    connection.exec_driver_sql("BEGIN")
+    # A deferred transaction that starts reading and then writes cannot wait for the write lock
+    # (SQLite answers "database is locked" at once to avoid a deadlock); IMMEDIATE queues for it first.
+    connection.exec_driver_sql("BEGIN IMMEDIATE" if connection.get_execution_options().get(_WRITE) else "BEGIN")
+
+
+def writer(engine: Engine) -> Engine:
+    """The engine for transactions that write: on SQLite they take the write lock when they begin."""
+    return engine.execution_options(**{_WRITE: True})
+
+
+def use_wal(engine: Engine, url: URL) -> None:
+    """Put a SQLite file in WAL mode (kept in the file), so readers and one writer never block each other.
+
+    Only called once the file is known to be an hrf-batch database: another program's file stays as it
+    was. A file that cannot be switched (read only) keeps its mode and is still read."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return
+    raw = engine.raw_connection()
+    try:
+        mode = raw.cursor().execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    except sqlite3.OperationalError as exc:
+        if is_locked(exc):
+            raise locked_error(f"switching {display_url(url)} to WAL mode", "nothing was changed") from exc
+        log.info("%s stays in its journal mode (%s); concurrent commands will wait for each other longer",
+                 display_url(url), exc)
+        return
+    finally:
+        raw.close()
+    if str(mode).lower() != "wal":
+        log.info("%s is in journal mode %s, not WAL; concurrent commands will wait for each other longer",
+                 display_url(url), mode)
+
+
+def is_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` (an SQLAlchemy error or the sqlite3 error under it) is SQLite's "database is locked"."""
+    orig = getattr(exc, "orig", exc)
+    if not isinstance(orig, sqlite3.Error):
+        return False
+    name = str(getattr(orig, "sqlite_errorname", ""))
+    return name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "database is locked" in str(orig)
+
+
+def locked_error(action: str, outcome: str) -> StoreError:
+    """The message for a SQLite lock that outlasted the busy wait: what held it and what to do."""
+    return StoreError(
+        f"{action} failed: the SQLite database stayed locked by another connection for {SQLITE_BUSY_TIMEOUT_S:.0f} s "
+        f"(database is locked); {outcome}",
+        "another program is writing to the database or keeps a transaction open on it; let it finish or stop it, "
+        "then run the command again",
+    )
 
 
 def display_url(url: URL) -> str:
@@ -121,6 +184,7 @@ def upgrade(url: str | None, revision: str = "head") -> str:
         current, foreign = _inspect(engine, resolved)
         if current is None and foreign:
             raise _foreign_database(resolved, foreign)
+        use_wal(engine, resolved)
         return migrate(engine, resolved, revision)
     finally:
         engine.dispose()
@@ -129,12 +193,17 @@ def upgrade(url: str | None, revision: str = "head") -> str:
 def migrate(engine: Engine, url: URL, revision: str = "head") -> str:
     """:func:`upgrade` on an existing engine (keeps in-memory SQLite databases alive)."""
     try:
-        with engine.begin() as connection:
+        with writer(engine).begin() as connection:
+            if connection.dialect.name == "postgresql":
+                # two first runs on an empty database: the second waits here, then finds it at head
+                connection.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK})
             command.upgrade(_alembic_config(connection), revision)
             return current_revision(connection) or ""
     except CommandError as exc:
         raise StoreError(f"cannot upgrade {display_url(url)} to {revision!r}: {exc}", "check the revision name") from exc
     except SQLAlchemyError as exc:
+        if is_locked(exc):
+            raise locked_error(f"upgrading {display_url(url)}", "nothing was changed") from exc
         raise StoreError(
             f"upgrading {display_url(url)} failed; nothing was changed",
             "check that the database is reachable and writable, then run `hrf-batch db upgrade` again",
@@ -145,14 +214,13 @@ def check_schema(engine: Engine, url: URL) -> None:
     """Create a new database at head, accept one at head, refuse anything else with what to do."""
     head = head_revision()
     current, foreign = _inspect(engine, url)
-    if current == head:
-        return
-    if current is None and not foreign:
-        migrate(engine, url)
-        return
-    if current is None:
+    if current is None and foreign:
         raise _foreign_database(url, foreign)
-    _raise_for_revision(url, current, head)
+    if current not in (None, head):
+        _raise_for_revision(url, current, head)
+    use_wal(engine, url)
+    if current is None:  # new and empty; a second process doing the same waits in migrate, then does nothing
+        migrate(engine, url)
 
 
 def _inspect(engine: Engine, url: URL) -> tuple[str | None, list[str]]:
@@ -163,6 +231,8 @@ def _inspect(engine: Engine, url: URL) -> tuple[str | None, list[str]]:
             found = inspect(connection)
             names = set(found.get_table_names()) | set(found.get_view_names())
     except SQLAlchemyError as exc:
+        if is_locked(exc):
+            raise locked_error(f"opening {display_url(url)}", "nothing was read or written") from exc
         raise StoreError(
             f"cannot open database {display_url(url)}",
             "check the URL, that the server is running and that you may connect, and that a file is a SQLite database",

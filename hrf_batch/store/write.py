@@ -4,6 +4,11 @@
 and a bad result never touches the database. Patients, visits and volumes are upserted: a volume is the
 same when its source file hash and series uid are; its metadata is refreshed from the latest reading.
 
+Concurrent writers: on PostgreSQL a transaction that creates or updates a patient's rows first takes a
+transaction advisory lock on the patient id (and one that records a file on its path), so two ingests
+queue for the same patient instead of clashing on its unique keys or adding a second visit without a
+date; on SQLite ``BEGIN IMMEDIATE`` already lets one writer in at a time.
+
 Text reaches the tables through :func:`stored_meta` and :func:`~hrf_batch.io.discover.display_text`, so
 both backends get the same rows: the patient id normalised by the readers' own rule, and file names that
 are not UTF-8 (and any NUL, which PostgreSQL refuses) as ``\\xNN`` escapes.
@@ -18,7 +23,7 @@ from datetime import date, datetime, timezone
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from hrf_batch.errors import VolumeError
@@ -26,6 +31,7 @@ from hrf_batch.io.discover import display_text
 from hrf_batch.io.volume import VolumeMeta, normalise_patient_id
 from hrf_batch.results import BScanResult, Lesion, RunInfo, VolumeResult
 from hrf_batch.store import codec
+from hrf_batch.store.claims import lock_key
 from hrf_batch.store.errors import StoreError
 from hrf_batch.store.schema import (
     BScanRow,
@@ -227,6 +233,13 @@ def persist_failed(
     return row
 
 
+def _queue_for(session: Session, *parts: str) -> None:
+    """PostgreSQL: wait for other transactions writing the same thing (``parts``) to end; SQLite already has
+    one writer at a time. The lock ends with the transaction."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": lock_key(*parts)})
+
+
 def _new_run(
     volume: VolumeRow, run: RunInfo, key: RunKey, parameters: dict[str, Any], status: str, started_at: datetime
 ) -> RunRow:
@@ -250,6 +263,7 @@ def _run_with_key(session: Session, volume_pk: int, key: RunKey) -> RunRow | Non
 
 def upsert_patient(session: Session, meta: VolumeMeta) -> PatientRow:
     """The patient row for ``meta.patient_id``; name/birth date are updated when the file has them."""
+    _queue_for(session, "patient", meta.patient_id)
     patient = session.scalars(select(PatientRow).where(PatientRow.patient_id == meta.patient_id)).one_or_none()
     if patient is None:
         patient = PatientRow(patient_id=meta.patient_id)
@@ -302,6 +316,7 @@ def add_ingest_error(session: Session, path: str, reason: str, kind: str, batch_
     if kind not in ("error", "skipped"):
         raise StoreError(f"ingest error kind must be 'error' or 'skipped', got {kind!r}", "pass one of the two kinds")
     path, reason = display_text(path), display_text(reason)
+    _queue_for(session, "ingest error", path)
     # the same file left out for the same reason again (a rerun) refreshes its row, adds none
     existing = session.scalars(
         select(IngestErrorRow).where(IngestErrorRow.path == str(path), IngestErrorRow.reason == reason,
