@@ -350,7 +350,8 @@ def ingest(ctx: click.Context, study_dir: Path, quiet: bool, **flags: Any) -> No
     """Find every OCT volume in STUDY_DIR, segment its HRFs and store them in the study database.
 
     One transaction per volume; volumes already processed with the same model, segmenter and
-    parameters are skipped, so an interrupted run resumes. Exit code 0: everything readable was
+    parameters are skipped, so an interrupted run resumes, and several ingests on one database
+    split the volumes between them. Exit code 0: everything readable was
     processed; 3: some files or volumes failed (recorded in the database, the rest stored);
     1: nothing could be done (bad settings, missing model, database unreachable).
     """

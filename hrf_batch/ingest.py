@@ -5,6 +5,11 @@ parameters and code version is skipped, so an interrupted ingest simply resumes.
 cannot be read and a volume the pipeline fails on are recorded in the database and the walk goes
 on; nothing already stored is touched.
 
+Before computing a volume the ingest claims it (:meth:`~hrf_batch.store.Store.claim_volume`): a run
+marked 'running' plus a lock that ends with the process. Two ingests on one database therefore split a
+study: a volume another live ingest holds is skipped and counted as such, and a claim left by a killed
+ingest is taken over by the next one.
+
 Volumes enter through the same reading path as `scan` and `info` (discovery, then the readers'
 validation), which normalises the patient id (:func:`~hrf_batch.io.volume.normalise_patient_id`), so
 the id stored is the id those commands show. Nothing here logs a name or a birth date.
@@ -28,9 +33,9 @@ from hrf_batch.io.discover import FileIssue, discover, display_text, read_source
 from hrf_batch.io.volume import Volume
 from hrf_batch.model.classify import Classifier, load_classifier
 from hrf_batch.pipeline import PipelineParams, run_info, run_volume
-from hrf_batch.results import RunInfo
+from hrf_batch.results import RunInfo, VolumeResult
 from hrf_batch.segment import Segmenter, make_segmenter
-from hrf_batch.store import Store, StoreError, open_store, utc_now
+from hrf_batch.store import Claim, Store, StoreError, open_store, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +48,7 @@ class IngestSummary:
     processed: int = 0
     already_done: int = 0
     failed: int = 0
+    elsewhere: int = 0  # being processed by another ingest at the time
     not_oct: int = 0
     hrf_count: int = 0
     bscans: int = 0
@@ -51,7 +57,8 @@ class IngestSummary:
 
     def text(self) -> str:
         lines = [
-            f"volumes: {self.processed} processed, {self.already_done} already done (skipped), {self.failed} failed",
+            f"volumes: {self.processed} processed, {self.already_done} already done (skipped), {self.failed} failed, "
+            f"{self.elsewhere} being processed by another ingest (skipped)",
             f"files not OCT (skipped): {self.not_oct}",
             f"HRFs found: {self.hrf_count} in {self.bscans} B-scans processed now, {self.seconds:.1f} s",
         ]
@@ -65,6 +72,32 @@ def _process(volume: Volume, ctx: "_Context", summary: IngestSummary, progress: 
         summary.already_done += 1
         return
     started = utc_now()
+    try:
+        claim = ctx.store.claim_volume(volume.meta, ctx.key, n_bscans=volume.n_bscans,
+                                       bscan_shape=volume.bscan_shape, started_at=started)
+    except StoreError as exc:  # e.g. metadata the database refuses: recorded like any other failure
+        _record_failure(volume, ctx, summary, started, f"claiming the volume failed: StoreError: {one_line(exc)}", exc)
+        return
+    if claim is Claim.DONE:  # finished by another ingest since the look-up above
+        summary.already_done += 1
+        return
+    if claim is Claim.ELSEWHERE:
+        summary.elsewhere += 1
+        return
+    try:
+        result = _compute_and_save(volume, ctx, summary, started, progress)
+    finally:
+        ctx.store.release_volume(volume.meta, ctx.key)
+    if result is None:
+        return
+    summary.processed += 1
+    summary.hrf_count += result.hrf_count
+    summary.bscans += volume.n_bscans
+
+
+def _compute_and_save(volume: Volume, ctx: "_Context", summary: IngestSummary, started: datetime,
+                      progress: bool) -> VolumeResult | None:
+    """Pipeline and store for a claimed volume; a failure is recorded and gives None."""
     name = display_text(Path(volume.meta.source_path).name)
     bar = tqdm(total=ctx.params.max_iterations + 1, desc=f"{name} {volume.meta.eye}", unit="step", leave=False,
                disable=not progress)
@@ -76,10 +109,8 @@ def _process(volume: Volume, ctx: "_Context", summary: IngestSummary, progress: 
         ctx.store.save_volume_result(result, started_at=started)
     except Exception as exc:  # one volume's failure, whatever its cause, must not stop the study: recorded below
         _record_failure(volume, ctx, summary, started, f"{stage} failed: {type(exc).__name__}: {one_line(exc)}", exc)
-        return
-    summary.processed += 1
-    summary.hrf_count += result.hrf_count
-    summary.bscans += volume.n_bscans
+        return None
+    return result
 
 
 def _record_failure(volume: Volume, ctx: "_Context", summary: IngestSummary, started: datetime, reason: str,

@@ -3,12 +3,15 @@
 Never imports torch. Typical use::
 
     store = open_store(None)                      # ./hrf_batch.sqlite, created at the newest schema
-    if store.find_done_run_for(meta, run_info) is None:
-        store.save_volume_result(result)          # one transaction per volume
+    if store.claim_volume(meta, run_info, n_bscans=n, bscan_shape=shape) is Claim.CLAIMED:
+        try:                                      # no other process computes this volume meanwhile
+            store.save_volume_result(compute(volume))  # one transaction per volume
+        finally:
+            store.release_volume(meta, run_info)
     summary = store.patient_summary("P012")
 """
 
-from hrf_batch.store.api import Store, open_store
+from hrf_batch.store.api import Claim, Store, open_store
 from hrf_batch.store.codec import params_hash
 from hrf_batch.store.engine import DEFAULT_SQLITE_FILE, display_url, head_revision, resolve_url, upgrade
 from hrf_batch.store.errors import SchemaOutdatedError, StoreError
@@ -27,6 +30,7 @@ from hrf_batch.store.records import (
 from hrf_batch.store.write import utc_now
 
 __all__ = [
+    "Claim",
     "DEFAULT_SQLITE_FILE",
     "IngestErrorRecord",
     "PatientBurden",

@@ -2,11 +2,13 @@
 
 Several stores (in several processes) may write one database at once. Writes that clash on a unique
 key with rows another writer committed first are tried again, so the second writer finds those rows
-("already done") instead of failing.
+("already done") instead of failing; :meth:`Store.claim_volume` lets concurrent ingests split a study.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from hrf_batch.io.volume import VolumeMeta
 from hrf_batch.results import RunInfo, VolumeResult
 from hrf_batch.store import read, write
+from hrf_batch.store.claims import ClaimLocks, claim_locks, lock_key
 from hrf_batch.store.engine import check_schema, display_url, is_locked, locked_error, make_engine, resolve_url, writer
 from hrf_batch.store.errors import StoreError
 from hrf_batch.store.records import (
@@ -55,6 +58,14 @@ _WRITE_ATTEMPTS = 4  # tries of one write in all, when it clashes with a concurr
 _RETRY_SQLSTATES = ("40001", "40P01")  # PostgreSQL: serialization failure, deadlock detected
 
 
+class Claim(enum.Enum):
+    """What :meth:`Store.claim_volume` found."""
+
+    CLAIMED = "claimed"  # this store computes the volume now and must release it afterwards
+    DONE = "done"  # a done run with the same inputs exists: skip
+    ELSEWHERE = "elsewhere"  # another live process is computing it: skip
+
+
 class Store:
     """Reads and writes results; ORM rows stay inside, plain dataclasses come out."""
 
@@ -63,6 +74,8 @@ class Store:
         self._url = url
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._write_sessions = sessionmaker(writer(engine), expire_on_commit=False)
+        self._locks: ClaimLocks = claim_locks(engine, url)
+        self._claims: dict[write.RunKey, tuple[int, int]] = {}  # run key -> (lock key, run id)
 
     @property
     def url(self) -> str:
@@ -75,8 +88,16 @@ class Store:
         return self._url.get_backend_name()
 
     def close(self) -> None:
-        """Release connections (and the SQLite file)."""
-        self._engine.dispose()
+        """Release claims and connections (and the SQLite file)."""
+        try:
+            for key in list(self._claims):
+                self._end_claim(key)
+            self._locks.close()
+        except SQLAlchemyError as exc:  # the server drops the locks with the session that closes next
+            log.warning("%s: could not release volume claims cleanly (%s); closing the connection drops them",
+                        self.url, exc)
+        finally:
+            self._engine.dispose()
 
     def __enter__(self) -> Store:
         return self
@@ -120,6 +141,63 @@ class Store:
             f"{action} in {self.url} failed; nothing was saved",
             "check that the database is reachable and writable, then run the command again",
         )
+
+    def claim_volume(
+        self, meta: VolumeMeta, run: RunInfo, *, n_bscans: int, bscan_shape: tuple[int, int],
+        started_at: datetime | None = None,
+    ) -> Claim:
+        """Claim a volume before computing it, so a concurrent ingest skips it instead of computing it too.
+
+        CLAIMED: the run is stored as 'running' (a failed run, or one left 'running' by a process that
+        died, is taken over) and this store holds its lock until :meth:`release_volume` or :meth:`close`.
+        DONE: a done run with the same inputs exists. ELSEWHERE: another live process holds the claim.
+        """
+        key = write.RunKey.of(meta, run)
+        if key in self._claims:
+            return Claim.ELSEWHERE
+        lock = lock_key("volume claim", *dataclasses.astuple(key))
+        try:
+            if not self._locks.try_lock(lock):
+                return Claim.ELSEWHERE
+        except SQLAlchemyError as exc:
+            raise self._failure(f"claiming {meta.source_path}", exc) from exc
+        started_at = started_at or write.utc_now()
+        run_id = None
+        try:
+            run_id = self._write(f"claiming {meta.source_path}", lambda session: write.claim_run(
+                session, meta, n_bscans, bscan_shape, run, started_at))
+        finally:
+            if run_id is None:  # done already, or the write failed: the lock is not needed
+                self._unlock(lock)
+        if run_id is None:
+            return Claim.DONE
+        self._claims[key] = (lock, run_id)
+        return Claim.CLAIMED
+
+    def release_volume(self, meta: VolumeMeta, run: RunInfo) -> None:
+        """End a claim: a run still 'running' (neither saved nor recorded as failed) is deleted, the lock freed.
+
+        Never raises for the database: a run that cannot be deleted stays 'running' and, its lock gone,
+        is taken over by the next ingest."""
+        self._end_claim(write.RunKey.of(meta, run))
+
+    def _end_claim(self, key: write.RunKey) -> None:
+        claim = self._claims.pop(key, None)
+        if claim is None:
+            return
+        lock, run_id = claim
+        try:
+            self._write("releasing a volume claim", lambda session: write.drop_claim(session, run_id))
+        except StoreError as exc:
+            log.warning("%s; run %d stays 'running' until the next ingest takes it over", exc, run_id)
+        finally:
+            self._unlock(lock)
+
+    def _unlock(self, lock: int) -> None:
+        try:
+            self._locks.unlock(lock)
+        except SQLAlchemyError as exc:
+            log.warning("%s: could not release a volume claim (%s); it ends with this connection", self.url, exc)
 
     def find_done_run(
         self, source_sha256: str, series_uid: str, model_id: str, segmenter: str,

@@ -23,7 +23,7 @@ from datetime import date, datetime, timezone
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select, text
+from sqlalchemy import delete, select, text
 from sqlalchemy.orm import Session
 
 from hrf_batch.errors import VolumeError
@@ -231,6 +231,33 @@ def persist_failed(
     row.status, row.error, row.started_at, row.finished_at = "failed", display_text(error), started_at, utc_now()
     session.flush()
     return row
+
+
+def claim_run(
+    session: Session, meta: VolumeMeta, n_bscans: int, bscan_shape: tuple[int, int], run: RunInfo,
+    started_at: datetime,
+) -> int | None:
+    """Mark the volume's run 'running' before computing it (new row, or a failed or abandoned one taken
+    over); returns its id, or None when a done run with the same key exists (nothing to do)."""
+    meta = stored_meta(meta)
+    volume = upsert_volume(session, meta, n_bscans, bscan_shape)
+    key = RunKey.of(meta, run)
+    row = _run_with_key(session, volume.id, key)
+    if row is not None and row.status == "done":
+        return None
+    if row is None:
+        row = _new_run(volume, run, key, codec.normalise_parameters(run.parameters), "running", started_at)
+        session.add(row)
+    else:
+        row.status, row.error, row.started_at, row.finished_at = "running", None, started_at, None
+    session.flush()
+    return row.id
+
+
+def drop_claim(session: Session, run_id: int) -> bool:
+    """Delete run ``run_id`` if it is still 'running' (its claim ends with no result); True if it was."""
+    gone = session.execute(delete(RunRow).where(RunRow.id == run_id, RunRow.status == "running"))
+    return bool(gone.rowcount)
 
 
 def _queue_for(session: Session, *parts: str) -> None:
