@@ -19,8 +19,8 @@ A 'running' run whose lock nobody holds was left by a process that died: the nex
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
+import logging
 import os
 import threading
 from dataclasses import dataclass, field
@@ -32,6 +32,12 @@ from sqlalchemy.engine import URL
 
 from hrf_batch.store.errors import StoreError
 
+try:
+    import fcntl
+except ImportError:  # Windows has no POSIX record locks
+    fcntl = None  # type: ignore[assignment]
+
+log = logging.getLogger(__name__)
 _OFFSET_BITS = 62  # byte offsets of the record locks stay far below the largest off_t
 
 
@@ -62,6 +68,10 @@ def claim_locks(engine: Engine, url: URL) -> ClaimLocks:
     if url.get_backend_name() == "postgresql":
         return AdvisoryLocks(engine)
     if url.database in (None, "", ":memory:"):
+        return LocalLocks()
+    if fcntl is None:
+        log.warning("no POSIX record locks on this system: concurrent ingests on %s may compute a volume twice "
+                    "(each result is still stored once)", url.database)
         return LocalLocks()
     return FileLocks(Path(f"{url.database}-claims"))
 
