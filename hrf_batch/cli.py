@@ -95,7 +95,7 @@ def _guard_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option("--lesion-filter/--no-lesion-filter", default=None,
                         help="Keep only lesions of HRF size, shape and contrast (default on).")(func)
     func = click.option("--score-drop-guard/--no-score-drop-guard", default=None,
-                        help="Stop a B-scan when inpainting what was found does not lower its score (default on).")(func)
+                        help="Stop a B-scan when inpainting what was found does not lower its score (default off).")(func)
     return func
 
 

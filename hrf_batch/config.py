@@ -32,7 +32,7 @@ class Settings:
     stop_score: float = 0.05
     threshold: float | None = None  # None: the model's own threshold
     min_lesion_px: int = 5
-    score_drop_guard: bool = True  # stop a B-scan when inpainting what was found does not lower its score
+    score_drop_guard: bool = False  # stop a B-scan when inpainting what was found does not lower its score (measured: off)
     lesion_filter: bool = True  # keep only lesions of HRF size, shape and contrast
     peaks_per_iteration: int = 1  # > 1: several separated relevance peaks per iteration
 

@@ -74,12 +74,11 @@ def table(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
 
 
 GUARD_CONFIGS: dict[str, dict[str, Any]] = {
-    "all guards on (default)": {},
-    "score-drop guard off": {"score_drop_guard": False},
-    "lesion filter off": {"lesion_filter": None},
-    "both off (the paper's loop)": {"score_drop_guard": False, "lesion_filter": None},
-    "guards on, 3 peaks per iteration": {"peaks_per_iteration": 3},
-    "guards off, 3 peaks per iteration": {"score_drop_guard": False, "lesion_filter": None, "peaks_per_iteration": 3},
+    "score-drop guard + lesion filter": {"score_drop_guard": True},
+    "lesion filter only (the default)": {"score_drop_guard": False},
+    "score-drop guard only": {"score_drop_guard": True, "lesion_filter": None},
+    "neither (the paper's loop)": {"score_drop_guard": False, "lesion_filter": None},
+    "score-drop guard + lesion filter, 3 peaks per iteration": {"score_drop_guard": True, "peaks_per_iteration": 3},
 }
 
 

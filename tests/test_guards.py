@@ -168,6 +168,8 @@ def test_guard_settings_reach_the_stored_parameters() -> None:
     settings = load_settings({"score_drop_guard": None}, env={"HRF_BATCH_LESION_FILTER": "off",
                                                              "HRF_BATCH_PEAKS_PER_ITERATION": "3"})
     params = PipelineParams.from_settings(settings)
-    assert params.score_drop_guard and params.lesion_filter is None and params.peaks_per_iteration == 3
+    assert not params.score_drop_guard and params.lesion_filter is None and params.peaks_per_iteration == 3
+    on = PipelineParams.from_settings(load_settings({"score_drop_guard": True}, env={}))
+    assert on.score_drop_guard and on.lesion_filter is not None
     with pytest.raises(HrfBatchError, match="not true or false"):
         load_settings(env={"HRF_BATCH_SCORE_DROP_GUARD": "maybe"})
