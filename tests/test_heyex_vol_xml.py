@@ -11,6 +11,7 @@ import pytest
 from eyepy.io.he.vol_reader import HeVolReader
 
 from hrf_batch.errors import ReadError
+from hrf_batch.io.hashing import sha256_file
 from hrf_batch.io.readers import read_volume
 from hrf_batch.io.writers.heyex_xml import write_heyex_xml
 from hrf_batch.io.writers.vol import write_vol
@@ -40,14 +41,16 @@ def test_willis_line_scan(fixtures_dir: Path) -> None:
     "name, when, lateral, patient",
     [
         ("Willis_B_716_2.vol", date(2017, 1, 11), 0.014722, "01234"),
-        ("valid.vol", date(2011, 11, 9), 0.017891, ""),
+        ("valid.vol", date(2011, 11, 9), 0.017891, None),  # names no patient: a pseudonym from the file hash
     ],
 )
-def test_circle_scans(fixtures_dir: Path, name: str, when: date, lateral: float, patient: str) -> None:
+def test_circle_scans(fixtures_dir: Path, name: str, when: date, lateral: float, patient: str | None) -> None:
     path = fixtures_dir / "spectralis-raw-data" / name
     vol = read_volume(path)
     m = vol.meta
     assert vol.bscans.shape == (1, 496, 768)
+    if patient is None:
+        patient = f"unknown-{sha256_file(path)[:12]}"
     assert m.scan_pattern == "circle" and m.eye == "OD" and m.visit_date == when and m.patient_id == patient
     assert m.spacing.lateral_mm == pytest.approx(lateral, abs=1e-5)
     parsed = HeVolReader(path).parsed_file
