@@ -227,9 +227,11 @@ def _inspect(engine: Engine, url: URL) -> tuple[str | None, list[str]]:
     """The hrf-batch revision (None when there is none) and every other table and view, read only."""
     try:
         with engine.connect() as connection:
-            current = current_revision(connection)
+            # names first, revision second: a first run committing its migration in between is then
+            # seen at its revision, never as tables without one (a foreign database)
             found = inspect(connection)
             names = set(found.get_table_names()) | set(found.get_view_names())
+            current = current_revision(connection)
     except SQLAlchemyError as exc:
         if is_locked(exc):
             raise locked_error(f"opening {display_url(url)}", "nothing was read or written") from exc
