@@ -10,13 +10,13 @@ import numpy as np
 from hrf_batch.evaluation.metrics import presence_metrics
 from hrf_batch.io.labels import LabelledBScans
 from hrf_batch.model.calibration import expected_calibration_error
-from hrf_batch.model.classify import Classifier, score_images
+from hrf_batch.model.classify import Classifier, raw_scores
 
 
 def evaluate_classifier(clf: Classifier, data: LabelledBScans) -> dict[str, Any]:
     """Metrics of ``clf`` on ``data``; scores are the task head's HRF-presence score."""
     cfg = clf.info.config
-    raw = score_images(clf.model, cfg.task, data.images, cfg.norm_mean, cfg.norm_std, clf.device, clf.batch_size)
+    raw = raw_scores(clf, data.images)
     scores = clf.calibration.apply(raw)
     out: dict[str, Any] = {"model_id": clf.model_id, "task": cfg.task, **presence_metrics(data.counts, scores, clf.threshold)}
     out["ece"] = expected_calibration_error(scores, data.counts > 0)

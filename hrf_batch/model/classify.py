@@ -73,9 +73,9 @@ def normalise(clf: Classifier, images: np.ndarray) -> torch.Tensor:
 
 def score_images(model: torch.nn.Module, task_name: str, images: list[np.ndarray], mean: float, std: float,
                  device: torch.device, batch_size: int = 8) -> np.ndarray:
-    """HRF scores for B-scans of possibly different sizes (batched per size)."""
+    """HRF scores (float64) for B-scans of possibly different sizes (batched per size)."""
     task = get_task(task_name)
-    out = np.empty(len(images), dtype=np.float32)
+    out = np.empty(len(images), dtype=np.float64)
     by_shape: dict[tuple[int, int], list[int]] = {}
     for i, img in enumerate(images):
         by_shape.setdefault(img.shape, []).append(i)
@@ -86,7 +86,7 @@ def score_images(model: torch.nn.Module, task_name: str, images: list[np.ndarray
             for start in range(0, len(idx), batch_size):
                 pick = idx[start : start + batch_size]
                 x = to_tensor(np.stack([images[i] for i in pick]), mean, std, device)
-                out[pick] = task.score(model(x)).float().cpu().numpy()
+                out[pick] = task.score(model(x).double()).cpu().numpy()
     model.train(was_training)
     return out
 
@@ -94,19 +94,12 @@ def score_images(model: torch.nn.Module, task_name: str, images: list[np.ndarray
 def raw_scores(clf: Classifier, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
     """Uncalibrated HRF-presence scores ``(n,)`` in float64 (keeps the log-odds of saturated scores)."""
     cfg = clf.info.config
-    task = clf.task
-    out = np.empty(len(images), dtype=np.float64)
-    with torch.inference_mode():
-        for start in range(0, len(images), clf.batch_size):
-            batch = np.stack(list(images[start : start + clf.batch_size]))
-            logits = clf.model(to_tensor(batch, cfg.norm_mean, cfg.norm_std, clf.device))
-            out[start : start + len(batch)] = task.score(logits.double()).cpu().numpy()
-    return out
+    return score_images(clf.model, cfg.task, list(images), cfg.norm_mean, cfg.norm_std, clf.device, clf.batch_size)
 
 
 def presence(clf: Classifier, images: np.ndarray | list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Calibrated HRF-presence probabilities ``(n,)`` and their log-odds (float64, no saturation)
-    for display-scale B-scans of one size ``(n, H, W)``."""
+    for display-scale B-scans ``(n, H, W)`` (or a list of sizes)."""
     raw = raw_scores(clf, images)
     cal = clf.calibration
     return cal.apply(raw), cal.apply_logits(log_odds(raw))
@@ -114,6 +107,4 @@ def presence(clf: Classifier, images: np.ndarray | list[np.ndarray]) -> tuple[np
 
 def score_bscans(clf: Classifier, images: np.ndarray | list[np.ndarray]) -> np.ndarray:
     """Calibrated HRF-presence scores ``(n,)`` for display-scale B-scans ``(n, H, W)`` (or a list of sizes)."""
-    cfg = clf.info.config
-    raw = score_images(clf.model, cfg.task, list(images), cfg.norm_mean, cfg.norm_std, clf.device, clf.batch_size)
-    return clf.calibration.apply(raw)
+    return clf.calibration.apply(raw_scores(clf, images))
