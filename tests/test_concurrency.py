@@ -22,13 +22,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
+from test_store import SHAPE, make_meta, make_result, make_run
 
 from hrf_batch.store import Claim, StoreError, open_store
 from hrf_batch.store import engine as store_engine
 from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 
 from conftest import PROJECT_ROOT, save_tiny_model
-from test_store import SHAPE, make_meta, make_result, make_run
 
 TESTS = Path(__file__).resolve().parent
 SPEC = StudySpec(patients=2, visits=1, bscans=3, width=64, height=64)

@@ -19,11 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from pydicom.uid import RLELossless
 
-from hrf_batch.io.readers.heyex_vol import FILE_HEADER_SIZE
 from hrf_batch.io.writers.dicom import write_dicom_oct
 from hrf_batch.io.writers.e2e import write_e2e
 from hrf_batch.io.writers.heyex_xml import write_heyex_xml
@@ -32,21 +30,18 @@ from hrf_batch.io.writers.vol import write_vol
 from conftest import PROJECT_ROOT, make_test_volume, save_tiny_model
 from test_hostile_input import (
     DOB,
-    H,
     N_BSCANS,
     SCALE_X,
-    SIZE_X,
-    SIZE_Y,
     VISIT,
+    H,
     W,
     _compressed_claim,
     _dicom,
     _e2e_missing_one_bscan,
-    _patch,
+    _nan_first_bscan_vol,
     _set,
+    _sparse_vol,
     _tiff_declaring,
-    _vol,
-    _vol_offset,
     _vol_with,
     _xml,
 )
@@ -83,17 +78,7 @@ def _build_corpus(root: Path, fixtures: Path) -> tuple[list[Path], list[Path]]:
         _vol_with(hostile, "more_bscans_than_file.vol", N_BSCANS, "<i", 300),
         _e2e_missing_one_bscan(hostile),
     ]
-    nan_pixels = _vol(hostile, "nan_pixels.vol")
-    with open(nan_pixels, "r+b") as fh:  # the first B-scan all NaN: after the header, the localizer, its own header
-        fh.seek(FILE_HEADER_SIZE + 80 * 80 + 256)
-        fh.write(np.full(H * W, np.nan, "<f4").tobytes())
-    bad.append(nan_pixels)
-    sparse = _vol_with(hostile, "sparse_over_budget.vol", N_BSCANS, "<i", 2048)
-    _patch(sparse, _vol_offset(SIZE_X), "<i", 1024)
-    _patch(sparse, _vol_offset(SIZE_Y), "<i", 1024)
-    with open(sparse, "r+b") as fh:
-        fh.truncate(3 * 2**30)  # sparse: costs no disk
-    bad.append(sparse)
+    bad += [_nan_first_bscan_vol(hostile, "nan_pixels.vol"), _sparse_vol(hostile, "sparse_over_budget.vol", 2048, 1024, 1024)]
     xml_hour = _xml(hostile / "xml_hour")
     xml_hour.write_text(re.sub(r"<Hour>[^<]*</Hour>", "<Hour>99999999999999999999</Hour>", xml_hour.read_text()))
     xml_missing = _xml(hostile / "xml_missing_tiff")

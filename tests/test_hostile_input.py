@@ -76,6 +76,25 @@ def _vol_with(folder: Path, name: str, field: int, fmt: str, value: float | int)
     return _patch(_vol(folder, name), _vol_offset(field), fmt, value)
 
 
+def _nan_first_bscan_vol(folder: Path, name: str) -> Path:
+    """A good .vol whose first B-scan is all NaN (after the header, the 80x80 localizer, its own header)."""
+    path = _vol(folder, name)
+    with open(path, "r+b") as fh:
+        fh.seek(FILE_HEADER_SIZE + 80 * 80 + 256)
+        fh.write(np.full(H * W, np.nan, "<f4").tobytes())
+    return path
+
+
+def _sparse_vol(folder: Path, name: str, n: int, size_x: int, size_y: int) -> Path:
+    """A .vol whose header declares ``n`` B-scans of ``size_x`` x ``size_y``, grown to a 3 GiB sparse file."""
+    path = _vol_with(folder, name, N_BSCANS, "<i", n)
+    _patch(path, _vol_offset(SIZE_X), "<i", size_x)
+    _patch(path, _vol_offset(SIZE_Y), "<i", size_y)
+    with open(path, "r+b") as fh:
+        fh.truncate(3 * 2**30)  # sparse: costs no disk
+    return path
+
+
 def _read_error(path: Path, *fragments: str) -> str:
     """The one-line message of the ReadError reading ``path`` raises; it names the file and ``fragments``."""
     with pytest.raises(ReadError) as info:
@@ -359,12 +378,7 @@ def _budget_cases(folder: Path) -> dict[str, tuple[Path, str]]:
     cases: dict[str, tuple[Path, str]] = {}
     for name, n, side, fragment in [("vol-more-than-file", 1700, 1024, "the file has 3221225472"),
                                     ("vol-over-budget", 2048, 1024, "limit per volume")]:
-        path = _vol_with(folder, f"{name}.vol", N_BSCANS, "<i", n)
-        _patch(path, _vol_offset(SIZE_X), "<i", side)
-        _patch(path, _vol_offset(SIZE_Y), "<i", 496 if n == 1700 else 1024)
-        with open(path, "r+b") as fh:
-            fh.truncate(3 * 2**30)  # sparse: costs no disk
-        cases[name] = (path, fragment)
+        cases[name] = (_sparse_vol(folder, f"{name}.vol", n, side, 496 if n == 1700 else 1024), fragment)
     for syntax, label in ((RLELossless, "rle"), (JPEGBaseline8Bit, "jpeg")):
         for frames, side, fragment in [(100000, 65535, "100000 B-scans of 65535x65535"),
                                        (2000, 1024, "limit per volume")]:
@@ -425,17 +439,7 @@ def test_study_with_bad_files_next_to_a_good_one(tmp_path: Path) -> None:
         _vol_with(study, "nan_spacing.vol", SCALE_X, "<d", math.nan),
         _e2e_missing_one_bscan(study),
     ]
-    nan_pixels = _vol(study, "nan_pixels.vol")
-    with open(nan_pixels, "r+b") as fh:
-        fh.seek(FILE_HEADER_SIZE + 80 * 80 + 256)
-        fh.write(np.full(H * W, np.nan, "<f4").tobytes())
-    bad.append(nan_pixels)
-    sparse = _vol_with(study, "sparse.vol", N_BSCANS, "<i", 2048)
-    _patch(sparse, _vol_offset(SIZE_X), "<i", 1024)
-    _patch(sparse, _vol_offset(SIZE_Y), "<i", 1024)
-    with open(sparse, "r+b") as fh:
-        fh.truncate(3 * 2**30)
-    bad.append(sparse)
+    bad += [_nan_first_bscan_vol(study, "nan_pixels.vol"), _sparse_vol(study, "sparse.vol", 2048, 1024, 1024)]
     xml_hour = _xml(study / "xml_hour")
     xml_hour.write_text(re.sub(r"<Hour>[^<]*</Hour>", "<Hour>99999999999999999999</Hour>", xml_hour.read_text()))
     xml_missing = _xml(study / "xml_missing")

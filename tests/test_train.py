@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
-import shutil
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
