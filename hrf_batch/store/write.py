@@ -28,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from hrf_batch.errors import VolumeError
 from hrf_batch.io.discover import display_text
+from hrf_batch.io.geometry import localizer_mm
 from hrf_batch.io.volume import VolumeMeta, normalise_patient_id
 from hrf_batch.results import BScanResult, Lesion, RunInfo, VolumeResult
 from hrf_batch.store import codec
@@ -173,22 +174,6 @@ def _lesion_fields(i: int, les: Lesion, index: int, meta: VolumeMeta, shape: tup
 def area_mm2(area_px: int, meta: VolumeMeta) -> float:
     """px × lateral × axial, multiplied in this order, as the SQL views do, so the numbers agree."""
     return area_px * float(meta.spacing.lateral_mm) * float(meta.spacing.axial_mm)
-
-
-def localizer_mm(meta: VolumeMeta, index: int, col: float, width: int) -> tuple[float, float] | None:
-    """Where column ``col`` of B-scan ``index`` lies on the localizer (mm), or None when unknown.
-
-    Start and end are the first and last A-scan, so column c sits at c / (width - 1) of the way.
-    Circle scans store the centre as end point, so a straight line would be wrong: None for them.
-    """
-    if meta.scan_pattern == "circle" or index >= len(meta.positions):
-        return None
-    pos = meta.positions[index]
-    t = col / (width - 1) if width > 1 else 0.0
-    return (
-        pos.start_mm[0] + t * (pos.end_mm[0] - pos.start_mm[0]),
-        pos.start_mm[1] + t * (pos.end_mm[1] - pos.start_mm[1]),
-    )
 
 
 def persist(session: Session, prepared: Prepared, started_at: datetime, finished_at: datetime) -> RunRow:
