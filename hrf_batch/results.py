@@ -12,7 +12,20 @@ from typing import Any
 
 import numpy as np
 
-from hrf_batch.io.volume import VolumeMeta
+from hrf_batch.io.volume import LayerLines, VolumeMeta
+
+#: Where a lesion sits between the layer lines (clinical zones): above the ILM (vitreous, not
+#: retina); the inner retina, ILM to the INL/OPL boundary; the outer retina, INL/OPL to the ELM;
+#: ELM to Bruch's membrane (photoreceptors and RPE); below BM (choroid). "unknown" when the
+#: B-scan has no layer lines at the lesion's columns.
+ZONES = ("above-ilm", "inner-retina", "outer-retina", "elm-bm", "below-bm")
+ZONE_UNKNOWN = "unknown"
+#: ETDRS subfields: the central 1 mm disc, the inner ring (1-3 mm) and the outer ring (3-6 mm), each
+#: ring split into superior, nasal, inferior and temporal quadrants.
+SUBFIELDS = ("C0", "S1", "N1", "I1", "T1", "S2", "N2", "I2", "T2")
+ETDRS_RADII_MM = (0.5, 1.5, 3.0)  # outer radius of the centre, the inner ring and the outer ring
+SUBFIELD_OUTSIDE = "outside"  # more than 3 mm from the foveal centre
+SUBFIELD_UNKNOWN = "unknown"  # no fovea (line and circle scans, or none found), or no position on the localizer
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,8 @@ class Lesion:
     bbox_rc: tuple[int, int, int, int]  # row0, col0, row1, col1 (end exclusive)
     area_px: int
     mask: np.ndarray  # bool (row1 - row0, col1 - col0): the lesion's pixels inside its box
+    zone: str = ZONE_UNKNOWN  # one of ZONES, or ZONE_UNKNOWN
+    subfield: str = SUBFIELD_UNKNOWN  # one of SUBFIELDS, SUBFIELD_OUTSIDE or SUBFIELD_UNKNOWN
 
 
 @dataclass(frozen=True)
@@ -66,6 +81,32 @@ class BScanResult:
         return int(sum(les.area_px for les in self.lesions))
 
 
+FOVEA_METHODS = ("thickness-map", "device", "ground-truth")
+
+
+@dataclass(frozen=True)
+class Fovea:
+    """The foveal centre of a volume scan: B-scan (fractional: it may lie between two) and column,
+    and where that is on the localizer in mm (None when the volume has no B-scan positions)."""
+
+    bscan: float
+    col: float
+    x_mm: float | None
+    y_mm: float | None
+    method: str  # one of FOVEA_METHODS
+
+
+@dataclass(frozen=True, eq=False)
+class VolumeAnatomy:
+    """What the anatomy stage knows of a volume: layer lines, the fovea, the retinal thickness."""
+
+    layers: LayerLines | None  # None: neither the export nor the estimate gave any
+    fovea: Fovea | None
+    fovea_note: str  # how the fovea was found, or why there is none ("line scan: no fovea", ...)
+    thickness_um: np.ndarray | None  # float32 (n_bscans, width): ILM to BM in micrometres, NaN where unknown
+    etdrs_thickness_um: dict[str, float] = field(default_factory=dict)  # mean per subfield the scan covers
+
+
 @dataclass(frozen=True)
 class RunInfo:
     """Provenance of one pipeline run over one volume."""
@@ -87,6 +128,7 @@ class VolumeResult:
     bscan_shape: tuple[int, int]
     bscans: tuple[BScanResult, ...]
     run: RunInfo
+    anatomy: VolumeAnatomy | None = None
 
     @property
     def hrf_count(self) -> int:

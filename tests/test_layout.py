@@ -1,6 +1,6 @@
 """The package's layout rule, checked on every run: imports point one way along the data flow.
 
-io ← model ← segment ← pipeline ← {evaluation ← training, ingest} ← cli, with the store and the
+io ← anatomy, io ← model ← segment ← pipeline ← {evaluation ← training, ingest} ← cli, with the store and the
 reports beside them (store ← report), never importing torch or the model. The test reads every
 module's ``import`` statements (also those inside functions and under TYPE_CHECKING) and fails on
 an import against the arrows or on a cycle between modules, so the rule stays true as code grows.
@@ -26,15 +26,16 @@ ALLOWED: dict[str, set[str]] = {
     "io": set(),
     "synthetic": {"io"},
     "model": {"io"},
+    "anatomy": {"io", "results"},
     "segment": {"io", "model"},
     "results": {"io"},
-    "pipeline": {"config", "io", "model", "segment", "results"},
+    "pipeline": {"config", "io", "anatomy", "model", "segment", "results"},
     "store": {"io", "results"},
-    "report": {"io", "store"},
-    "evaluation": {"io", "model", "segment", "pipeline", "results"},
+    "report": {"io", "results", "store"},
+    "evaluation": {"io", "anatomy", "model", "segment", "pipeline", "results"},
     "training": {"io", "model", "evaluation"},  # validation during training uses the evaluation metrics
-    "ingest": {"config", "io", "model", "segment", "pipeline", "results", "store"},
-    "cli": {"config", "io", "synthetic", "model", "segment", "results", "pipeline", "store", "report", "evaluation",
+    "ingest": {"config", "io", "anatomy", "model", "segment", "pipeline", "results", "store"},
+    "cli": {"config", "io", "synthetic", "anatomy", "model", "segment", "results", "pipeline", "store", "report", "evaluation",
             "training", "ingest"},
     "__main__": {"cli"},
 }

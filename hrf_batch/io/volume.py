@@ -106,13 +106,55 @@ class VolumeMeta:
             raise VolumeError(f"source_format must be one of {FORMATS}, got {self.source_format!r}")
 
 
+#: Retinal layer boundaries by name, top to bottom. Each is a row (pixels from the top of the B-scan)
+#: per A-scan. Every name but ILM, ELM, EZ and BM is the *outer* edge of that layer, so ``INL`` is the
+#: INL/OPL boundary (inner/outer retina) and ``OPL`` the OPL/ONL boundary; ``ELM`` is the external
+#: limiting membrane, ``EZ`` the inner edge of the ellipsoid zone, ``RPE`` the inner edge of the RPE
+#: band and ``BM`` Bruch's membrane. The same keys are used by the synthetic generators.
+LAYER_NAMES = ("ILM", "RNFL", "GCL", "IPL", "INL", "OPL", "ELM", "EZ", "RPE", "BM")
+#: Where a volume's layer lines came from: the device's own segmentation stored in the export, our
+#: estimate from the pixels, or the synthetic generator's truth.
+LAYER_SOURCES = ("device", "estimated", "ground-truth")
+
+
+@dataclass(frozen=True, eq=False)
+class LayerLines:
+    """Layer boundaries of a whole volume: ``rows[name]`` is float32 ``(n_bscans, width)``, the row of
+    that boundary in each A-scan, NaN where it is unknown (outside the device's segmented range, or
+    where an estimate was not confident)."""
+
+    rows: dict[str, np.ndarray]
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.source not in LAYER_SOURCES:
+            raise VolumeError(f"layer source must be one of {LAYER_SOURCES}, got {self.source!r}")
+        unknown = sorted(set(self.rows) - set(LAYER_NAMES))
+        if unknown:
+            raise VolumeError(f"unknown layer boundaries {unknown}; known are {LAYER_NAMES}")
+        shapes = {np.shape(v) for v in self.rows.values()}
+        if len(shapes) > 1 or any(len(s) != 2 for s in shapes):
+            raise VolumeError(f"layer boundaries must all be (n_bscans, width) arrays, got shapes {sorted(shapes)}")
+
+    def get(self, name: str) -> np.ndarray | None:
+        """The boundary's rows, or None when this volume does not have it."""
+        return self.rows.get(name)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The boundaries present, top to bottom."""
+        return tuple(n for n in LAYER_NAMES if n in self.rows)
+
+
 @dataclass(frozen=True, eq=False)
 class Volume:
-    """B-scans ``(n, H, W)`` float32 on the 0..255 display scale, metadata and optional localizer."""
+    """B-scans ``(n, H, W)`` float32 on the 0..255 display scale, metadata, optional localizer, and
+    the layer lines the export carried (``None`` when it carried none)."""
 
     bscans: np.ndarray
     meta: VolumeMeta
     localizer: np.ndarray | None = field(default=None)
+    layers: LayerLines | None = field(default=None)
 
     def __post_init__(self) -> None:
         b = self.bscans
@@ -128,6 +170,11 @@ class Volume:
             raise VolumeError(f"{n_pos} B-scan positions for {b.shape[0]} B-scans in {self.meta.source_path}")
         if self.localizer is not None and (self.localizer.ndim != 2 or self.localizer.dtype != np.float32):
             raise VolumeError("localizer must be a float32 2-D array")
+        if self.layers is not None:
+            for name, rows in self.layers.rows.items():
+                if np.shape(rows) != (b.shape[0], b.shape[2]):
+                    raise VolumeError(f"layer {name} has shape {np.shape(rows)}, expected (n_bscans, width) "
+                                      f"{(b.shape[0], b.shape[2])} in {self.meta.source_path}")
 
     @property
     def n_bscans(self) -> int:
@@ -257,7 +304,7 @@ def validate_volume(volume: Volume) -> Volume:
             )
     if meta.birth_date is not None and not _in_date_range(meta.birth_date):
         log.warning("%s: %sbirth date outside %d-%d left out (damaged field)", path, series, EARLIEST_DATE.year, LATEST_DATE.year)
-        volume = Volume(bscans=volume.bscans, meta=dataclasses.replace(meta, birth_date=None), localizer=loc)
+        volume = dataclasses.replace(volume, meta=dataclasses.replace(meta, birth_date=None))
     return with_normalised_patient_id(volume)
 
 
@@ -309,7 +356,7 @@ def with_normalised_patient_id(volume: Volume) -> Volume:
         log.warning("%s: %sthe patient id has control characters or more than %d characters; stored shortened "
                     "and cleaned, with a hash of the original that keeps it apart from every other id",
                     meta.source_path, series, PATIENT_ID_MAX)
-    return Volume(bscans=volume.bscans, meta=dataclasses.replace(meta, patient_id=stored), localizer=volume.localizer)
+    return dataclasses.replace(volume, meta=dataclasses.replace(meta, patient_id=stored))
 
 
 def meta_to_dict(meta: VolumeMeta, *, show_identifiers: bool = True) -> dict[str, Any]:

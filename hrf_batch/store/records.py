@@ -47,6 +47,8 @@ class StoredLesion:
     area_mm2: float
     centroid_mm: tuple[float, float] | None  # (x, y) on the localizer; None without positions
     mask: np.ndarray | None  # None when read without masks
+    zone: str = "unknown"  # layer zone (hrf_batch.results.ZONES) or "unknown"
+    subfield: str = "unknown"  # ETDRS subfield (hrf_batch.results.SUBFIELDS), "outside" or "unknown"
 
 
 @dataclass(frozen=True, eq=False)
@@ -65,6 +67,30 @@ class StoredBScan:
     relevance: np.ndarray | None  # float32, ≤ 1/4 of the B-scan per side
     relevance_max: float | None
     lesions: tuple[StoredLesion, ...]
+
+
+@dataclass(frozen=True)
+class StoredFovea:
+    """The foveal centre stored with a run (see :class:`hrf_batch.results.Fovea`)."""
+
+    bscan: float
+    col: float
+    x_mm: float | None
+    y_mm: float | None
+    method: str
+
+
+@dataclass(frozen=True, eq=False)
+class StoredAnatomy:
+    """Layer lines, fovea and thickness stored with a run."""
+
+    layer_source: str | None  # 'device' | 'estimated' | 'ground-truth'; None: no layer lines
+    layer_names: tuple[str, ...]
+    layers: dict[str, np.ndarray] | None  # name -> float32 (n_bscans, width) rows; None when read without them
+    fovea: StoredFovea | None
+    fovea_note: str
+    mean_thickness_um: float | None  # over every A-scan with both ILM and BM
+    etdrs_thickness_um: dict[str, float]  # mean ILM-BM thickness per subfield the scan covers
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +114,7 @@ class StoredVolume:
     acquired_at: datetime | None
     run: RunRecord
     bscans: tuple[StoredBScan, ...]
+    anatomy: StoredAnatomy | None = None  # None for runs stored before anatomy existed
 
 
 @dataclass(frozen=True)
@@ -155,12 +182,42 @@ class PatientBurden:
 
 
 @dataclass(frozen=True)
+class EtdrsBurden:
+    """A row of the `hrf_burden_etdrs` view: one patient, visit date, eye and ETDRS subfield."""
+
+    patient_id: str
+    visit_date: date | None
+    eye: str
+    subfield: str
+    n_volumes: int
+    hrf_count: int
+    hrf_area_mm2: float
+    density_per_mm2: float | None  # HRF count / the subfield's area on the grid
+    mean_thickness_um: float | None
+
+
+@dataclass(frozen=True)
+class LayerBurden:
+    """A row of the `hrf_burden_layer` view: one patient, visit date, eye and layer zone."""
+
+    patient_id: str
+    visit_date: date | None
+    eye: str
+    zone: str
+    n_volumes: int
+    hrf_count: int
+    hrf_area_mm2: float
+
+
+@dataclass(frozen=True)
 class PatientSummary:
     """Everything a per-patient report needs from the views."""
 
     patient: PatientBurden
     visits: tuple[VisitBurden, ...]
     volumes: tuple[VolumeBurden, ...]
+    etdrs: tuple[EtdrsBurden, ...] = ()
+    layers: tuple[LayerBurden, ...] = ()
 
 
 @dataclass(frozen=True)
