@@ -12,6 +12,13 @@ fewer B-scan bytes than its header declares is refused, never read in part. An i
 or exam time refuses the file (the header is damaged and the scan could not be placed on the patient's
 timeline); an impossible birth date is dropped with a warning that does not repeat it. NaN or infinite
 pixels refuse the file; they are checked before the display curve, which would show them as black.
+
+Layer lines: each B-scan header declares how many segmentation lines the device stored and where they
+start; each line is ``size_x`` float32 rows in pixels, float32 max where the device has no boundary.
+The lines become ``Volume.layers`` (source "device") under the names of :data:`HEYEX_LAYER_IDS`. A
+damaged layer block (a count or offset that does not fit the B-scan header) does not refuse the file:
+the pixels are intact and the pipeline can estimate the lines itself, so the layers are dropped with a
+warning that says so.
 """
 
 from __future__ import annotations
@@ -30,7 +37,9 @@ import numpy as np
 from hrf_batch.errors import ReadError
 from hrf_batch.io.readers.raw import file_size, read_bytes, read_bytes_at, source_sha256
 from hrf_batch.io.volume import (
+    LAYER_NAMES,
     BScanPosition,
+    LayerLines,
     Spacing,
     Volume,
     VolumeMeta,
@@ -55,6 +64,17 @@ _OLE_MIN_DAYS = (date.min - OLE_EPOCH).days
 _OLE_MAX_DAYS = (date.max - OLE_EPOCH).days
 _FILETIME_MAX = (datetime.max - FILETIME_EPOCH) // timedelta(microseconds=1) * 10
 _HINT = "re-export the scan from HEYEX as a raw .vol file, or remove it from the study folder"
+
+#: HEYEX segmentation line index (its position in a `.vol` B-scan header, and the layer id of an `.e2e`
+#: layer record) -> our boundary name. Only lines whose meaning matches ours are taken: ``RNFL``, ``GCL``,
+#: ``IPL``, ``INL`` and ``OPL`` are the outer edge of that layer in HEYEX as here, and ``PR1`` (14, the
+#: inner photoreceptor line) is the inner edge of the ellipsoid zone. ``PR2`` (15) and HEYEX's ``RPE``
+#: (16) are boundaries our names do not define, and 7 and 9-13 are not retinal boundaries; they are skipped.
+HEYEX_LAYER_IDS = {0: "ILM", 1: "BM", 2: "RNFL", 3: "GCL", 4: "IPL", 5: "INL", 6: "OPL", 8: "ELM", 14: "EZ"}
+#: HEYEX's "no boundary in this A-scan" (float32 max); anything from here up is unknown.
+NO_BOUNDARY = float(np.finfo(np.float32).max)
+_NO_BOUNDARY_FROM = 1.0e38
+_SEG_COUNT, _SEG_OFFSET = 6, 7  # fields of BSCAN_STRUCT: number of lines and their byte offset
 
 
 @dataclass(frozen=True)
@@ -207,6 +227,52 @@ def _bscan_headers(raw: bytes, hdr: VolHeader) -> list[BScanPosition]:
     return positions
 
 
+def device_rows(values: np.ndarray, height: int) -> np.ndarray:
+    """A device's boundary rows as float32, NaN where it marks "no boundary" or gives no row of the image.
+
+    HEYEX writes float32 max (3e38 in XML) where a line is unknown; a value that is not finite or lies
+    outside 0..height is no row of this B-scan either, so it cannot place a lesion in a layer.
+    """
+    rows = np.asarray(values, dtype=np.float32).copy()
+    with np.errstate(invalid="ignore"):
+        rows[~np.isfinite(rows) | (rows >= _NO_BOUNDARY_FROM) | (rows < 0) | (rows > height)] = np.nan
+    return rows
+
+
+def device_layer_lines(rows: dict[str, np.ndarray]) -> LayerLines | None:
+    """Device lines by name, top to bottom, without those that have no known row; None when none has one."""
+    kept = {name: rows[name] for name in LAYER_NAMES if name in rows and np.isfinite(rows[name]).any()}
+    return LayerLines(rows=kept, source="device") if kept else None
+
+
+def _layers(path: Path, raw: bytes, hdr: VolHeader) -> LayerLines | None:
+    """The segmentation lines each B-scan header carries (module docstring); None when there are none."""
+    stride = hdr.bscan_hdr_size + 4 * hdr.size_x * hdr.size_y
+    base = FILE_HEADER_SIZE + hdr.size_x_slo * hdr.size_y_slo
+    line_bytes = 4 * hdr.size_x
+    rows: dict[str, np.ndarray] = {}
+    for i in range(hdr.n_bscans):
+        f = BSCAN_STRUCT.unpack_from(raw, base + i * stride)
+        count, offset = f[_SEG_COUNT], f[_SEG_OFFSET]
+        if count == 0:
+            continue
+        if count < 0 or offset < BSCAN_STRUCT.size or offset + count * line_bytes > hdr.bscan_hdr_size:
+            log.warning(
+                "%s: B-scan %d declares %d layer lines at byte %d, which do not fit its %d-byte header (the layer "
+                "block is damaged); the device's layer lines are left out and will be estimated", path, i, count,
+                offset, hdr.bscan_hdr_size,
+            )
+            return None
+        start = base + i * stride + offset
+        lines = np.frombuffer(raw, "<f4", count * hdr.size_x, start).reshape(count, hdr.size_x)
+        for index, name in HEYEX_LAYER_IDS.items():
+            if index < count:
+                rows.setdefault(name, np.full((hdr.n_bscans, hdr.size_x), np.nan, np.float32))[i] = device_rows(
+                    lines[index], hdr.size_y
+                )
+    return device_layer_lines(rows)
+
+
 def _pixels(path: Path, raw: bytes, hdr: VolHeader) -> np.ndarray:
     slo = hdr.size_x_slo * hdr.size_y_slo
     record = np.dtype([("hdr", f"V{hdr.bscan_hdr_size}"), ("data", "<f4", (hdr.size_y, hdr.size_x))])
@@ -222,7 +288,8 @@ def _pixels(path: Path, raw: bytes, hdr: VolHeader) -> np.ndarray:
 
 
 def read_vol(path: Path) -> list[Volume]:
-    """Read one HEYEX `.vol` file into one Volume on the 0..255 display scale.
+    """Read one HEYEX `.vol` file into one Volume on the 0..255 display scale, with the device's layer
+    lines when the file carries them.
 
     The header is read and checked against the file size first, so a damaged header never makes the
     reader allocate what it declares; only then are the bytes it describes read.
@@ -255,4 +322,4 @@ def read_vol(path: Path) -> list[Volume]:
         localizer_spacing_mm=(hdr.scale_x_slo, hdr.scale_y_slo) if localizer is not None else None,
         birth_date=hdr.dob,
     )
-    return [Volume(bscans=_pixels(path, raw, hdr), meta=meta, localizer=localizer)]
+    return [Volume(bscans=_pixels(path, raw, hdr), meta=meta, localizer=localizer, layers=_layers(path, raw, hdr))]
