@@ -70,6 +70,23 @@ def test_thickness_map_refuses_a_spacing_that_is_not_positive(axial):
         thickness_map(LayerLines({"ILM": rows, "BM": rows + 1}, "device"), axial)
 
 
+def test_thickness_map_from_a_real_spectralis_line_scan(fixtures_dir):
+    """The device's own ILM and BM of a real foveal line scan: a plausible retina, thinnest near the
+    middle of the scan, unknown where the device did not segment; a line scan has no fovea."""
+    from hrf_batch.io.readers import read_volume
+
+    vol = read_volume(fixtures_dir / "spectralis-raw-data" / "Willis_B_716_0.vol")
+    assert vol.layers is not None and vol.meta.scan_pattern == "line"
+    t = thickness_map(vol.layers, vol.meta.spacing.axial_mm)
+    assert t is not None and t.shape == (1, vol.bscans.shape[2])
+    known = np.isfinite(t[0])
+    assert 0.5 < known.mean() < 1.0  # the device leaves the scan's ends unsegmented
+    assert 150.0 < float(np.nanmin(t)) < 300.0 < float(np.nanmax(t)) < 500.0
+    width = t.shape[1]
+    assert width / 3 < int(np.nanargmin(t[0])) < 2 * width / 3
+    assert find_fovea(t, vol.meta, width) == (None, "line scan: no fovea (one B-scan)")
+
+
 # --- fovea -----------------------------------------------------------------------------------
 
 def test_fovea_mm_interpolates_between_neighbouring_bscans():
