@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import struct
 from pathlib import Path
 
+import eyepy
 import numpy as np
 import pytest
 from eyepy.io.he.vol_reader import HeVolReader
@@ -103,3 +105,39 @@ def test_vol_damaged_layer_block_drops_the_lines_with_a_warning(
     assert vol.layers is None
     assert vol.bscans.shape == (1, 496, 768)
     assert "layer" in caplog.text and "damaged" in caplog.text and "estimated" in caplog.text
+
+
+# --- HEYEX XML --------------------------------------------------------------------------------------
+
+
+def _xml_copy(fixtures_dir: Path, tmp_path: Path) -> Path:
+    src = fixtures_dir / "eyepy/heyex_xml"
+    for f in src.iterdir():
+        shutil.copyfile(f, tmp_path / f.name)
+        (tmp_path / f.name).chmod(0o644)
+    return tmp_path / "test_dummy.xml"
+
+
+def test_xml_segmentation_lines_match_an_independent_reader(fixtures_dir: Path) -> None:
+    """Every named line the export carries, equal to eyepy's reading; PR1 is our EZ, PR2 and RPE are skipped."""
+    path = fixtures_dir / "eyepy/heyex_xml/test_dummy.xml"
+    layers = read_volume(path).layers
+    assert layers is not None and layers.source == "device"
+    assert layers.names == ("ILM", "RNFL", "GCL", "IPL", "INL", "OPL", "ELM", "EZ", "BM")
+    ref = eyepy.import_heyex_xml(path).layers
+    for theirs, ours in (("ILM", "ILM"), ("RNFL", "RNFL"), ("OPL", "OPL"), ("PR1", "EZ"), ("BM", "BM")):
+        np.testing.assert_array_equal(layers.get(ours), ref[theirs].data.astype(np.float32))
+    assert np.isnan(layers.get("ILM")[0, :2]).all() and layers.get("ILM")[0, 2] == np.float32(9.6)
+
+
+@pytest.mark.parametrize("array", ["9.6 abc 9.6", "9.6 9.6"], ids=["not-numbers", "too-short"])
+def test_xml_damaged_segmentation_drops_the_lines_with_a_warning(
+    fixtures_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, array: str
+) -> None:
+    xml = _xml_copy(fixtures_dir, tmp_path)
+    content = xml.read_text(encoding="utf-8")
+    xml.write_text(re.sub(r'(<Array n="50" type="real">)[^<]*', rf"\g<1>{array}", content, count=1), encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        vol = read_volume(xml)
+    assert vol.layers is None and vol.bscans.shape == (10, 40, 50)
+    assert "ILM line of B-scan 0" in caplog.text and "damaged" in caplog.text

@@ -23,6 +23,12 @@ Dates: an impossible birth date is left out with a warning that does not repeat 
 acquisition times outside 1900-2099 are left out with a warning (the fields' layout is reverse
 engineered, so a real file is not refused over them), except a B-scan time beyond the calendar,
 on which eyepy's parser fails: that refuses the file.
+
+Layer lines: each B-scan may hold layer records (id, width, then ``width`` float32 rows at the end of
+the record); the ids are HEYEX's line indices, so they map onto our names as in the `.vol` reader, and
+the lines become ``Volume.layers`` (source "device"). A record too short for what it declares, or of
+another width than its B-scan, does not refuse the file (the pixels are intact and the pipeline can
+estimate the lines): the series' layers are dropped with a warning that says so.
 """
 
 from __future__ import annotations
@@ -37,11 +43,13 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from hrf_batch.errors import ReadError, one_line
+from hrf_batch.io.readers.heyex_vol import HEYEX_LAYER_IDS, device_layer_lines, device_rows
 from hrf_batch.io.readers.raw import source_sha256
 from hrf_batch.io.volume import (
     EARLIEST_DATE,
     LATEST_DATE,
     BScanPosition,
+    LayerLines,
     Spacing,
     Volume,
     VolumeMeta,
@@ -64,6 +72,7 @@ DEFAULT_DEVICE = "Heidelberg Spectralis"
 _PATTERNS = {1: "line", 2: "circle", 3: "volume", 4: "volume", 5: "radial"}
 _EYES = {ord("R"): "OD", ord("L"): "OS"}
 _HEADER_SIZE = 36 + 52  # version block + main directory
+LAYER_RECORD = struct.Struct("<4I")  # unknown, layer id, unknown, width; the rows end the record
 _DIR_SIZE, _ENTRY_SIZE, _CONTAINER_SIZE = 52, 44, 60
 _EARLIEST = datetime.combine(EARLIEST_DATE, datetime.min.time())
 _LATEST = datetime.combine(LATEST_DATE, datetime.max.time())
@@ -263,6 +272,28 @@ def _check_complete(path: Path, series: Any, slices: list[Any]) -> None:
         )
 
 
+def _layers(path: Path, series: Any, slices: list[Any], shape: tuple[int, int, int]) -> LayerLines | None:
+    """The device's layer lines of a series (module docstring); None when it carries none."""
+    n, height, width = shape
+    rows: dict[str, np.ndarray] = {}
+    for i, sl in enumerate(slices):
+        for folder in sl.folders.get(T_LAYER, []):
+            raw = folder.get_bytes()
+            layer_id, declared = LAYER_RECORD.unpack_from(raw)[1::2] if len(raw) >= LAYER_RECORD.size else (0, -1)
+            if declared != width or len(raw) < LAYER_RECORD.size + 4 * width:
+                log.warning(
+                    "%s: series %s: a layer record of B-scan %d (%d bytes, %d values declared) does not fit the "
+                    "%d-pixel-wide B-scan (the record is damaged); the device's layer lines are left out and will "
+                    "be estimated", path, _series_name(series), i, len(raw), declared, width,
+                )
+                return None
+            name = HEYEX_LAYER_IDS.get(layer_id)
+            if name is not None:
+                values = np.frombuffer(raw, "<f4", width, len(raw) - 4 * width)
+                rows.setdefault(name, np.full((n, width), np.nan, np.float32))[i] = device_rows(values, height)
+    return device_layer_lines(rows)
+
+
 def _series_volume(path: Path, digest: str, series: Any, slices: list[Any]) -> Volume:
     metas = [sl.get_meta() for sl in slices]
     bscans = np.stack([display_from_linear(sl.get_bscan()) for sl in slices]).astype(np.float32, copy=False)
@@ -282,7 +313,7 @@ def _series_volume(path: Path, digest: str, series: Any, slices: list[Any]) -> V
         spacing=spacing, positions=positions, localizer_spacing_mm=loc_spacing,
         birth_date=birth, patient_name=name,
     )
-    return Volume(bscans=bscans, meta=meta, localizer=localizer)
+    return Volume(bscans=bscans, meta=meta, localizer=localizer, layers=_layers(path, series, slices, bscans.shape))
 
 
 def read_e2e(path: Path) -> list[Volume]:

@@ -233,10 +233,10 @@ def device_rows(values: np.ndarray, height: int) -> np.ndarray:
     HEYEX writes float32 max (3e38 in XML) where a line is unknown; a value that is not finite or lies
     outside 0..height is no row of this B-scan either, so it cannot place a lesion in a layer.
     """
-    rows = np.asarray(values, dtype=np.float32).copy()
+    rows = np.asarray(values, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        rows[~np.isfinite(rows) | (rows >= _NO_BOUNDARY_FROM) | (rows < 0) | (rows > height)] = np.nan
-    return rows
+        unknown = ~np.isfinite(rows) | (rows >= _NO_BOUNDARY_FROM) | (rows < 0) | (rows > height)
+    return np.where(unknown, np.nan, rows).astype(np.float32)
 
 
 def device_layer_lines(rows: dict[str, np.ndarray]) -> LayerLines | None:

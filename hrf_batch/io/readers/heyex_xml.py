@@ -9,6 +9,12 @@ and every TIFF's size is read from its header, without decoding, and checked aga
 its error becomes a ReadError. A series is read whole or refused, never in part. An impossible exam
 date (or study date, when it is the one used) or acquisition time refuses the file; an impossible
 birth date is dropped with a warning that does not repeat it.
+
+Layer lines: each OCT ``<Image>`` may carry ``<Segmentation>`` with one ``<SegLine>`` per device line
+(``<Name>`` and an ``<Array>`` of one row per A-scan, 3e38 where unknown); the names map onto ours by
+:data:`XML_LAYER_NAMES` and become ``Volume.layers`` (source "device"). A line whose array is not made
+of numbers or has another length than the B-scan's width does not refuse the export (the images are
+intact and the pipeline can estimate the lines): the series' layers are dropped with a warning.
 """
 
 from __future__ import annotations
@@ -24,10 +30,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from hrf_batch.errors import ReadError, one_line
+from hrf_batch.io.readers.heyex_vol import device_layer_lines, device_rows
 from hrf_batch.io.readers.raw import source_sha256
 from hrf_batch.io.volume import (
     MAX_BSCANS,
     BScanPosition,
+    LayerLines,
     Spacing,
     Volume,
     VolumeMeta,
@@ -39,6 +47,12 @@ log = logging.getLogger(__name__)
 
 _HINT = "re-export the series from HEYEX (XML export with its image files) or remove it from the study folder"
 _PATTERNS = {"volume": "volume", "line": "line", "circle": "circle", "radial": "radial", "star": "radial"}
+#: HEYEX XML line names -> ours, for the lines whose meaning matches (as for the `.vol` line indices:
+#: ``PR1`` is the inner edge of the ellipsoid zone; ``PR2`` and HEYEX's ``RPE`` have no counterpart).
+XML_LAYER_NAMES = {
+    "ILM": "ILM", "BM": "BM", "RNFL": "RNFL", "GCL": "GCL", "IPL": "IPL", "INL": "INL", "OPL": "OPL",
+    "ELM": "ELM", "PR1": "EZ",
+}
 
 
 def is_heyex_xml(head: bytes) -> bool:
@@ -183,6 +197,29 @@ def _between(positions: list[BScanPosition]) -> float:
     return float(np.mean(np.linalg.norm(np.diff(starts, axis=0), axis=1)))
 
 
+def _layers(xml_path: Path, octs: list[ET.Element], shape: tuple[int, int, int]) -> LayerLines | None:
+    """The device lines of the series' B-scans (module docstring); None when it carries none."""
+    n, height, width = shape
+    rows: dict[str, np.ndarray] = {}
+    for i, image in enumerate(octs):
+        for line in image.findall("Segmentation/SegLine"):
+            name = XML_LAYER_NAMES.get(_find_text(line, "Name"))
+            if name is None:
+                continue
+            try:
+                values = np.array([float(v) for v in _find_text(line, "Array").split()], dtype=np.float64)
+            except ValueError:
+                values = None
+            if values is None or values.size != width:
+                log.warning(
+                    "%s: the %s line of B-scan %d is not %d numbers (the segmentation is damaged); the device's "
+                    "layer lines are left out and will be estimated", xml_path, _find_text(line, "Name"), i, width,
+                )
+                return None
+            rows.setdefault(name, np.full((n, width), np.nan, np.float32))[i] = device_rows(values, height)
+    return device_layer_lines(rows)
+
+
 def _series_volume(xml_path: Path, patient: ET.Element, study: ET.Element, series: ET.Element) -> Volume | None:
     images = series.findall("Image")
     octs = [i for i in images if _find_text(i, "ImageType/Type").upper() == "OCT"]
@@ -222,7 +259,8 @@ def _series_volume(xml_path: Path, patient: ET.Element, study: ET.Element, serie
         patient_name=" ".join(t for t in (_find_text(patient, "FirstNames"), _find_text(patient, "LastName")) if t),
     )
     localizer = _load_tiff(xml_path, files[-1]) if locs else None
-    return Volume(bscans=np.stack(bscans).astype(np.float32), meta=meta, localizer=localizer)
+    pixels = np.stack(bscans).astype(np.float32)
+    return Volume(bscans=pixels, meta=meta, localizer=localizer, layers=_layers(xml_path, octs, pixels.shape))
 
 
 def read_heyex_xml(path: Path) -> list[Volume]:
