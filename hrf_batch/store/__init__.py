@@ -16,12 +16,16 @@ from hrf_batch.store.codec import params_hash
 from hrf_batch.store.engine import DEFAULT_SQLITE_FILE, display_url, head_revision, resolve_url, upgrade
 from hrf_batch.store.errors import SchemaOutdatedError, StoreError
 from hrf_batch.store.records import (
+    EtdrsBurden,
     IngestErrorRecord,
+    LayerBurden,
     PatientBurden,
     PatientRecord,
     PatientSummary,
     RunRecord,
+    StoredAnatomy,
     StoredBScan,
+    StoredFovea,
     StoredLesion,
     StoredVolume,
     VisitBurden,
@@ -32,7 +36,9 @@ from hrf_batch.store.write import utc_now
 __all__ = [
     "Claim",
     "DEFAULT_SQLITE_FILE",
+    "EtdrsBurden",
     "IngestErrorRecord",
+    "LayerBurden",
     "PatientBurden",
     "PatientRecord",
     "PatientSummary",
@@ -40,7 +46,9 @@ __all__ = [
     "SchemaOutdatedError",
     "Store",
     "StoreError",
+    "StoredAnatomy",
     "StoredBScan",
+    "StoredFovea",
     "StoredLesion",
     "StoredVolume",
     "VisitBurden",

@@ -253,12 +253,13 @@ class Store:
             return read.list_patients(session, include_identifiers)
 
     def patient_summary(self, patient_id: str) -> PatientSummary:
-        """The patient's rows of the three burden views."""
+        """The patient's rows of the burden views: volume, visit, patient, ETDRS subfield and layer zone."""
         with self._transaction(f"reading patient {patient_id}") as session:
             return read.patient_summary(session, patient_id)
 
     def volume_results(self, patient_id: str, *, masks: bool = True) -> list[StoredVolume]:
-        """The patient's volumes with their latest done run's B-scans and lesions, masks decoded."""
+        """The patient's volumes with their latest done run's B-scans, lesions and anatomy; masks and layer
+        lines are decoded only when ``masks``."""
         with self._transaction(f"reading the results of patient {patient_id}") as session:
             return read.volume_results(session, patient_id, masks)
 
@@ -273,7 +274,7 @@ class Store:
             return read.bscans_for_run(session, run_id, masks)
 
     def view_rows(self, view: str, patient_id: str | None = None) -> list[Any]:
-        """Rows of `hrf_burden_volume`, `hrf_burden_visit` or `hrf_burden_patient` as dataclasses."""
+        """Rows of `hrf_burden_volume`, `_visit`, `_patient`, `_etdrs` or `_layer` as dataclasses."""
         with self._transaction(f"reading view {view}") as session:
             return read.view_rows(session, view, patient_id)
 

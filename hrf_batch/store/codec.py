@@ -2,7 +2,9 @@
 
 Masks are stored as 1-bit PNG: exact, small (a 496×1024 mask with a few HRF is ~1–2 kB), self-describing
 (the shape is in the header) and openable by any image viewer when someone inspects the database.
-Relevance maps are lossy by design (QC only): at most 1/4 of the B-scan size per side, scaled by
+Layer lines are one compressed npz blob with an integer array per boundary: the row × 10 (0.1 px is
+far below what any segmentation resolves), -32768 where unknown; int16 while every row fits (B-scans
+up to 3276 px tall), int32 beyond. Relevance maps are lossy by design (QC only): at most 1/4 of the B-scan size per side, scaled by
 their largest absolute value ``m`` and stored as 8-bit PNG with ``q = 128 + round(127·r/m)``, so
 zero and ±m decode exactly and every other value is within m/254.
 """
@@ -78,6 +80,43 @@ def _downsample_to(arr: np.ndarray, limit: tuple[int, ...]) -> np.ndarray:
 
 
 _DAMAGED_HINT = "the database row is damaged; delete the run and ingest the volume again"
+LAYER_SCALE = 10.0  # stored layer rows are round(row × 10)
+LAYER_UNKNOWN = -32768  # stored value of a NaN (unknown) row
+
+
+def encode_layers(rows: dict[str, np.ndarray]) -> bytes:
+    """Layer lines (name -> float (n_bscans, width) rows, NaN = unknown) as a compressed npz blob."""
+    arrays = {}
+    for name, values in rows.items():
+        arr = np.asarray(values, dtype=np.float64)
+        if arr.ndim != 2 or np.isinf(arr).any():
+            raise StoreError(f"layer {name!r} must be a 2-D array of rows or NaN, got shape {arr.shape}", _BUG_HINT)
+        scaled = np.rint(np.nan_to_num(arr, nan=0.0) * LAYER_SCALE)
+        if scaled.size and (scaled.min() <= LAYER_UNKNOWN or scaled.max() > np.iinfo(np.int32).max):
+            raise StoreError(f"layer {name!r} has rows outside the B-scan ({arr[np.isfinite(arr)].min():g} "
+                             f"to {arr[np.isfinite(arr)].max():g})", _BUG_HINT)
+        fits16 = not scaled.size or scaled.max() <= np.iinfo(np.int16).max
+        stored = scaled.astype(np.int16 if fits16 else np.int32)
+        stored[np.isnan(arr)] = LAYER_UNKNOWN
+        arrays[name] = stored
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    return buf.getvalue()
+
+
+def decode_layers(data: bytes) -> dict[str, np.ndarray]:
+    """The float32 rows stored by :func:`encode_layers` (within 0.05 px; NaN where unknown)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            stored = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError, EOFError) as exc:
+        raise StoreError("stored layer lines are not a readable npz blob", _DAMAGED_HINT) from exc
+    out = {}
+    for name, arr in stored.items():
+        rows = (arr.astype(np.float32) / np.float32(LAYER_SCALE)).astype(np.float32)
+        rows[arr == LAYER_UNKNOWN] = np.nan
+        out[name] = rows
+    return out
 
 
 def _open_png(data: bytes, what: str) -> Image.Image:

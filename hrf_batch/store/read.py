@@ -15,14 +15,19 @@ from sqlalchemy import Date, DateTime, distinct, func, select, text
 from sqlalchemy.orm import Session, selectinload
 
 from hrf_batch.io.volume import BScanPosition, Spacing
+from hrf_batch.results import SUBFIELDS, ZONE_UNKNOWN, ZONES
 from hrf_batch.store import codec
+from hrf_batch.store.anatomy import stored_anatomy
 from hrf_batch.store.errors import StoreError
 from hrf_batch.store.records import (
+    EtdrsBurden,
     IngestErrorRecord,
+    LayerBurden,
     PatientBurden,
     PatientRecord,
     PatientSummary,
     RunRecord,
+    StoredAnatomy,
     StoredBScan,
     StoredLesion,
     StoredVolume,
@@ -34,6 +39,8 @@ from hrf_batch.store.schema import (
     IngestErrorRow,
     PatientIdentifierRow,
     PatientRow,
+    RunAnatomyRow,
+    RunEtdrsThicknessRow,
     RunRow,
     VisitRow,
     VolumeRow,
@@ -44,7 +51,11 @@ VIEWS: dict[str, type] = {
     "hrf_burden_volume": VolumeBurden,
     "hrf_burden_visit": VisitBurden,
     "hrf_burden_patient": PatientBurden,
+    "hrf_burden_etdrs": EtdrsBurden,
+    "hrf_burden_layer": LayerBurden,
 }
+#: Subfields and zones are listed in their anatomical order, not alphabetically.
+_ORDER = {name: i for i, name in enumerate((*SUBFIELDS, *ZONES, ZONE_UNKNOWN))}
 _TYPED_COLUMNS = {
     "visit_date": Date, "previous_visit_date": Date, "first_visit_date": Date, "latest_visit_date": Date,
     "finished_at": DateTime,
@@ -86,7 +97,7 @@ def stored_bscan(row: BScanRow, masks: bool) -> StoredBScan:
             bbox_rc=(les.bbox_row0, les.bbox_col0, les.bbox_row1, les.bbox_col1), area_px=les.area_px,
             area_mm2=les.area_mm2,
             centroid_mm=(les.centroid_x_mm, les.centroid_y_mm) if les.centroid_x_mm is not None else None,
-            mask=codec.decode_mask(les.mask_png) if masks else None,
+            mask=codec.decode_mask(les.mask_png) if masks else None, zone=les.zone, subfield=les.etdrs_subfield,
         )
         for les in row.lesions
     )
@@ -121,8 +132,17 @@ def volume_results(session: Session, patient_id: str, masks: bool = True) -> lis
         volume = session.get(VolumeRow, burden.volume_id)
         run = session.get(RunRow, burden.run_id)
         out.append(_stored_volume(volume, run, burden.patient_id, burden.visit_date,
-                                  bscans_for_run(session, burden.run_id, masks)))
+                                  bscans_for_run(session, burden.run_id, masks), run_anatomy(session, run.id, masks)))
     return out
+
+
+def run_anatomy(session: Session, run_id: int, layers: bool = True) -> StoredAnatomy | None:
+    """The anatomy stored with a run (layer lines decoded only when ``layers``); None for runs without."""
+    row = session.get(RunAnatomyRow, run_id)
+    if row is None:
+        return None
+    thickness = session.scalars(select(RunEtdrsThicknessRow).where(RunEtdrsThicknessRow.run_pk == run_id)).all()
+    return stored_anatomy(row, list(thickness), layers)
 
 
 def unfinished_volumes(session: Session, patient_id: str) -> list[StoredVolume]:
@@ -149,7 +169,7 @@ def unfinished_volumes(session: Session, patient_id: str) -> list[StoredVolume]:
 
 
 def _stored_volume(volume: VolumeRow, run: RunRow, patient_id: str, visit_date: date | None,
-                   bscans: tuple[StoredBScan, ...]) -> StoredVolume:
+                   bscans: tuple[StoredBScan, ...], anatomy: StoredAnatomy | None = None) -> StoredVolume:
     return StoredVolume(
         volume_id=volume.id, patient_id=patient_id, visit_date=visit_date, eye=volume.eye,
         source_path=volume.source_path, source_sha256=volume.source_sha256, source_format=volume.source_format,
@@ -157,7 +177,7 @@ def _stored_volume(volume: VolumeRow, run: RunRow, patient_id: str, visit_date: 
         n_bscans=volume.n_bscans, bscan_shape=(volume.bscan_height, volume.bscan_width),
         spacing=Spacing(volume.spacing_lateral_mm, volume.spacing_axial_mm, volume.spacing_between_mm),
         positions=tuple(BScanPosition((p[0], p[1]), (p[2], p[3])) for p in volume.positions),
-        acquired_at=volume.acquired_at, run=run_record(run), bscans=bscans,
+        acquired_at=volume.acquired_at, run=run_record(run), bscans=bscans, anatomy=anatomy,
     )
 
 
@@ -165,7 +185,7 @@ def _sort_key(row: Any) -> tuple:
     visit_date = getattr(row, "visit_date", None)
     return (
         row.patient_id, visit_date is None, visit_date or date.min, getattr(row, "eye", ""),
-        getattr(row, "volume_id", 0),
+        getattr(row, "volume_id", 0), _ORDER.get(getattr(row, "subfield", None) or getattr(row, "zone", None), 0),
     )
 
 
@@ -192,6 +212,8 @@ def patient_summary(session: Session, patient_id: str) -> PatientSummary:
         patient=patient,
         visits=tuple(view_rows(session, "hrf_burden_visit", patient_id)),
         volumes=tuple(view_rows(session, "hrf_burden_volume", patient_id)),
+        etdrs=tuple(view_rows(session, "hrf_burden_etdrs", patient_id)),
+        layers=tuple(view_rows(session, "hrf_burden_layer", patient_id)),
     )
 
 

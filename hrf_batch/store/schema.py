@@ -27,10 +27,15 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
+from hrf_batch.io.volume import LAYER_SOURCES
+from hrf_batch.results import FOVEA_METHODS, SUBFIELD_OUTSIDE, SUBFIELD_UNKNOWN, SUBFIELDS, ZONE_UNKNOWN, ZONES
+
 #: Alembic's bookkeeping table; own name so a shared PostgreSQL database can host other projects.
 VERSION_TABLE = "hrf_batch_schema_version"
 
 RUN_STATUSES = ("running", "done", "failed")
+LESION_ZONES = (*ZONES, ZONE_UNKNOWN)
+LESION_SUBFIELDS = (*SUBFIELDS, SUBFIELD_OUTSIDE, SUBFIELD_UNKNOWN)
 INGEST_ERROR_KINDS = ("error", "skipped")
 EYES = ("OD", "OS", "unknown")
 
@@ -141,6 +146,13 @@ class RunRow(Base):
     bscans: Mapped[list[BScanRow]] = relationship(
         back_populates="run", cascade="all, delete-orphan", passive_deletes=True, order_by="BScanRow.bscan_index"
     )
+    anatomy: Mapped[RunAnatomyRow | None] = relationship(
+        back_populates="run", cascade="all, delete-orphan", passive_deletes=True
+    )
+    etdrs_thickness: Mapped[list[RunEtdrsThicknessRow]] = relationship(
+        back_populates="run", cascade="all, delete-orphan", passive_deletes=True,
+        order_by="RunEtdrsThicknessRow.subfield",
+    )
 
 
 class BScanRow(Base):
@@ -168,10 +180,15 @@ class BScanRow(Base):
 
 
 class LesionRow(Base):
-    """One HRF; `centroid_x_mm`/`centroid_y_mm` locate it on the localizer when positions are known."""
+    """One HRF; `centroid_x_mm`/`centroid_y_mm` locate it on the localizer when positions are known;
+    `zone` and `etdrs_subfield` say where it sits ('unknown' for lesions stored before anatomy)."""
 
     __tablename__ = "lesions"
-    __table_args__ = (UniqueConstraint("bscan_pk", "lesion_index", name="uq_lesions_bscan_index"),)
+    __table_args__ = (
+        UniqueConstraint("bscan_pk", "lesion_index", name="uq_lesions_bscan_index"),
+        CheckConstraint(_in("zone", LESION_ZONES), name="zone"),
+        CheckConstraint(_in("etdrs_subfield", LESION_SUBFIELDS), name="etdrs_subfield"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     bscan_pk: Mapped[int] = mapped_column(ForeignKey("bscans.id", ondelete="CASCADE"))
     lesion_index: Mapped[int] = mapped_column(Integer)
@@ -186,7 +203,43 @@ class LesionRow(Base):
     mask_png: Mapped[bytes] = mapped_column(LargeBinary)
     centroid_x_mm: Mapped[float | None] = mapped_column(Double)
     centroid_y_mm: Mapped[float | None] = mapped_column(Double)
+    zone: Mapped[str] = mapped_column(String(16), default=ZONE_UNKNOWN, server_default=ZONE_UNKNOWN)
+    etdrs_subfield: Mapped[str] = mapped_column(String(16), default=SUBFIELD_UNKNOWN, server_default=SUBFIELD_UNKNOWN)
     bscan: Mapped[BScanRow] = relationship(back_populates="lesions")
+
+
+class RunAnatomyRow(Base):
+    """Layer lines, fovea and mean thickness of one run; `layers_npz` is :func:`codec.encode_layers`'s
+    blob (NULL without layer lines), the fovea columns are NULL when none was found (`fovea_note` says why)."""
+
+    __tablename__ = "run_anatomy"
+    __table_args__ = (
+        CheckConstraint(f"layer_source IS NULL OR {_in('layer_source', LAYER_SOURCES)}", name="layer_source"),
+        CheckConstraint(f"fovea_method IS NULL OR {_in('fovea_method', FOVEA_METHODS)}", name="fovea_method"),
+    )
+    run_pk: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    layer_source: Mapped[str | None] = mapped_column(String(16))
+    layer_names: Mapped[list[Any]] = mapped_column(JSON)
+    layers_npz: Mapped[bytes | None] = mapped_column(LargeBinary)
+    fovea_bscan: Mapped[float | None] = mapped_column(Double)
+    fovea_col: Mapped[float | None] = mapped_column(Double)
+    fovea_x_mm: Mapped[float | None] = mapped_column(Double)
+    fovea_y_mm: Mapped[float | None] = mapped_column(Double)
+    fovea_method: Mapped[str | None] = mapped_column(String(16))
+    fovea_note: Mapped[str] = mapped_column(Text)
+    mean_thickness_um: Mapped[float | None] = mapped_column(Double)
+    run: Mapped[RunRow] = relationship(back_populates="anatomy")
+
+
+class RunEtdrsThicknessRow(Base):
+    """Mean ILM–BM thickness of one run in one ETDRS subfield its scan covers."""
+
+    __tablename__ = "run_etdrs_thickness"
+    __table_args__ = (CheckConstraint(_in("subfield", SUBFIELDS), name="subfield"),)
+    run_pk: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
+    subfield: Mapped[str] = mapped_column(String(8), primary_key=True)
+    mean_thickness_um: Mapped[float] = mapped_column(Double)
+    run: Mapped[RunRow] = relationship(back_populates="etdrs_thickness")
 
 
 class IngestErrorRow(Base):

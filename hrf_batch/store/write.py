@@ -1,5 +1,7 @@
 """Turning a VolumeResult into rows: validate and encode first (no database), then write in one go.
 
+The anatomy (layer lines, fovea, thickness) goes with the run; see :mod:`hrf_batch.store.anatomy`.
+
 :func:`prepare` does all the numpy work and every check, so the transaction in :func:`persist` is short
 and a bad result never touches the database. Patients, visits and volumes are upserted: a volume is the
 same when its source file hash and series uid are; its metadata is refreshed from the latest reading.
@@ -31,7 +33,7 @@ from hrf_batch.io.discover import display_text
 from hrf_batch.io.geometry import localizer_mm
 from hrf_batch.io.volume import VolumeMeta, normalise_patient_id
 from hrf_batch.results import BScanResult, Lesion, RunInfo, VolumeResult
-from hrf_batch.store import codec
+from hrf_batch.store import anatomy, codec
 from hrf_batch.store.claims import lock_key
 from hrf_batch.store.errors import StoreError
 from hrf_batch.store.schema import (
@@ -103,6 +105,7 @@ class Prepared:
     n_bscans: int
     bscan_shape: tuple[int, int]
     bscans: tuple[dict[str, Any], ...]  # BScanRow fields, plus 'lesions': LesionRow fields
+    anatomy: dict[str, Any] | None = None  # RunAnatomyRow fields plus 'etdrs'; None: no anatomy stage
 
 
 def prepare(result: VolumeResult) -> Prepared:
@@ -116,10 +119,13 @@ def prepare(result: VolumeResult) -> Prepared:
     n_bscans = max(len(result.meta.positions), max(indices) + 1)
     bscans = tuple(_bscan_fields(b, result.meta, (height, width)) for b in result.bscans)
     meta = stored_meta(result.meta)
+    fields = None
+    if result.anatomy is not None:
+        fields = anatomy.anatomy_fields(result.anatomy, width, display_text(result.meta.source_path))
     return Prepared(
         meta=meta, run=result.run, key=RunKey.of(meta, result.run),
         parameters=codec.normalise_parameters(result.run.parameters), n_bscans=n_bscans,
-        bscan_shape=(height, width), bscans=bscans,
+        bscan_shape=(height, width), bscans=bscans, anatomy=fields,
     )
 
 
@@ -159,6 +165,7 @@ def _lesion_fields(i: int, les: Lesion, index: int, meta: VolumeMeta, shape: tup
         raise StoreError(
             f"B-scan {index}: lesion {i} mask {np.shape(les.mask)} does not fit its box or has no area", _BUG_HINT
         )
+    anatomy.check_lesion_place(les.zone, les.subfield, f"B-scan {index}: lesion {i}")
     row, col = (float(v) for v in les.centroid_rc)
     on_localizer = localizer_mm(meta, index, col, shape[1])
     return {
@@ -168,6 +175,7 @@ def _lesion_fields(i: int, les: Lesion, index: int, meta: VolumeMeta, shape: tup
         "mask_png": codec.encode_mask(np.asarray(les.mask)),
         "centroid_x_mm": on_localizer[0] if on_localizer else None,
         "centroid_y_mm": on_localizer[1] if on_localizer else None,
+        "zone": les.zone, "etdrs_subfield": les.subfield,
     }
 
 
@@ -190,6 +198,9 @@ def persist(session: Session, prepared: Prepared, started_at: datetime, finished
     session.add(run)
     for fields in prepared.bscans:
         _add_bscan(run, fields)
+    if prepared.anatomy is not None:
+        run.anatomy = anatomy.anatomy_row(prepared.anatomy)
+        run.etdrs_thickness = anatomy.thickness_rows(prepared.anatomy)
     session.flush()
     return run
 
