@@ -1,7 +1,8 @@
-"""Cohort CSVs for statistics: one file per level (patient, visit, volume, B-scan, lesion).
+"""Cohort CSVs for statistics: one file per level (patient, visit, volume, B-scan, lesion) plus the
+HRF burden per ETDRS subfield and per layer zone.
 
-Patient, visit and volume numbers are the rows of the SQL burden views, so a CSV and a SQL query
-give the same answer. Units are in the column names (``_mm``, ``_mm2``, ``_px``, ``_s``, ``_utc``).
+Patient, visit, volume, subfield and zone numbers are the rows of the SQL burden views, so a CSV and
+a SQL query give the same answer. Units are in the column names (``_mm``, ``_mm2``, ``_px``, ``_s``, ``_utc``).
 Names, birth dates and source paths (which often carry names) are written only on request.
 """
 
@@ -18,7 +19,10 @@ import pandas as pd
 from hrf_batch.report.errors import ReportError
 from hrf_batch.store import PatientBurden, PatientRecord, Store, StoredVolume, VolumeBurden
 
-EXPORT_FILES = ("hrf_patients.csv", "hrf_visits.csv", "hrf_volumes.csv", "hrf_bscans.csv", "hrf_lesions.csv")
+EXPORT_FILES = (
+    "hrf_patients.csv", "hrf_visits.csv", "hrf_volumes.csv", "hrf_bscans.csv", "hrf_lesions.csv", "hrf_etdrs.csv",
+    "hrf_layers.csv",
+)
 
 # column name → pandas dtype; nullable dtypes so a missing delta stays empty, not "3.0" or "nan"
 PATIENT_COLUMNS = {
@@ -40,7 +44,9 @@ VOLUME_COLUMNS = {
     "bscan_spacing_mm": "Float64", "hrf_count": "Int64", "hrf_positive_bscans": "Int64", "hrf_area_px": "Int64",
     "hrf_area_mm2": "Float64", "model_id": "string", "segmenter": "string", "segmenter_checkpoint_sha256": "string",
     "params_hash": "string", "parameters_json": "string", "code_version": "string", "run_device": "string",
-    "run_time_s": "Float64", "run_finished_at_utc": "string",
+    "run_time_s": "Float64", "run_finished_at_utc": "string", "layer_source": "string", "fovea_method": "string",
+    "fovea_bscan": "Float64", "fovea_col_px": "Float64", "fovea_x_mm": "Float64", "fovea_y_mm": "Float64",
+    "mean_thickness_um": "Float64",
 }
 BSCAN_COLUMNS = {
     "volume_id": "Int64", "run_id": "Int64", "patient_id": "string", "visit_date": "string", "eye": "string",
@@ -52,13 +58,19 @@ LESION_COLUMNS = {
     "bscan_index": "Int64", "lesion_index": "Int64", "centroid_row_px": "Float64", "centroid_col_px": "Float64",
     "bbox_row0_px": "Int64", "bbox_col0_px": "Int64", "bbox_row1_px": "Int64", "bbox_col1_px": "Int64",
     "hrf_area_px": "Int64", "hrf_area_mm2": "Float64", "centroid_lateral_mm": "Float64", "centroid_depth_mm": "Float64",
-    "centroid_x_mm": "Float64", "centroid_y_mm": "Float64",
+    "centroid_x_mm": "Float64", "centroid_y_mm": "Float64", "zone": "string", "etdrs_subfield": "string",
 }
+PLACE_COLUMNS = {"patient_id": "string", "visit_date": "string", "eye": "string"}
+ETDRS_COLUMNS = PLACE_COLUMNS | {
+    "subfield": "string", "n_volumes": "Int64", "hrf_count": "Int64", "hrf_area_mm2": "Float64",
+    "density_per_mm2": "Float64", "mean_thickness_um": "Float64",
+}
+LAYER_COLUMNS = PLACE_COLUMNS | {"zone": "string", "n_volumes": "Int64", "hrf_count": "Int64", "hrf_area_mm2": "Float64"}
 IDENTIFIER_COLUMNS = {"patient_name": "string", "birth_date": "string"}
 
 
 def export_cohort(store: Store, out_dir: Path | str, *, include_identifiers: bool = False) -> list[Path]:
-    """Write the five cohort CSVs (see EXPORT_FILES) into ``out_dir`` and return their paths.
+    """Write the seven cohort CSVs (see EXPORT_FILES) into ``out_dir`` and return their paths.
 
     Every patient appears in hrf_patients.csv, also one without results (n_visits 0). Identifiers
     (name, birth date, source path) are added as columns only with ``include_identifiers``.
@@ -72,6 +84,8 @@ def export_cohort(store: Store, out_dir: Path | str, *, include_identifiers: boo
         "hrf_volumes.csv": volumes_frame(volume_view, volumes, include_identifiers),
         "hrf_bscans.csv": _frame([row for v in volumes.values() for row in _bscan_rows(v)], BSCAN_COLUMNS),
         "hrf_lesions.csv": _frame([row for v in volumes.values() for row in _lesion_rows(v)], LESION_COLUMNS),
+        "hrf_etdrs.csv": _frame([asdict(r) | _dates(r) for r in store.view_rows("hrf_burden_etdrs")], ETDRS_COLUMNS),
+        "hrf_layers.csv": _frame([asdict(r) | _dates(r) for r in store.view_rows("hrf_burden_layer")], LAYER_COLUMNS),
     }
     return [_write_csv(frame, Path(out_dir) / name) for name, frame in frames.items()]
 
@@ -138,7 +152,19 @@ def _volume_details(v: StoredVolume, include_identifiers: bool) -> dict[str, Any
     }
     if include_identifiers:
         details["source_path"] = v.source_path
-    return details
+    return details | _anatomy_details(v)
+
+
+def _anatomy_details(v: StoredVolume) -> dict[str, Any]:
+    """Fovea and mean thickness of the volume's run; empty cells for runs without anatomy or fovea."""
+    anatomy, fovea = v.anatomy, v.anatomy.fovea if v.anatomy else None
+    return {
+        "layer_source": anatomy.layer_source if anatomy else None,
+        "fovea_method": fovea.method if fovea else None, "fovea_bscan": fovea.bscan if fovea else None,
+        "fovea_col_px": fovea.col if fovea else None, "fovea_x_mm": fovea.x_mm if fovea else None,
+        "fovea_y_mm": fovea.y_mm if fovea else None,
+        "mean_thickness_um": anatomy.mean_thickness_um if anatomy else None,
+    }
 
 
 def _where(v: StoredVolume) -> dict[str, Any]:
@@ -172,7 +198,7 @@ def _lesion_rows(v: StoredVolume) -> list[dict[str, Any]]:
                 "centroid_col_px": col, "bbox_row0_px": r0, "bbox_col0_px": c0, "bbox_row1_px": r1,
                 "bbox_col1_px": c1, "hrf_area_px": les.area_px, "hrf_area_mm2": les.area_mm2,
                 "centroid_lateral_mm": col * v.spacing.lateral_mm, "centroid_depth_mm": row * v.spacing.axial_mm,
-                "centroid_x_mm": x_mm, "centroid_y_mm": y_mm,
+                "centroid_x_mm": x_mm, "centroid_y_mm": y_mm, "zone": les.zone, "etdrs_subfield": les.subfield,
             })
     return rows
 
