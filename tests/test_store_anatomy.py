@@ -145,7 +145,8 @@ def expected_views() -> tuple[dict, dict]:
             thickness = [a.etdrs_thickness_um[subfield] for _l, a in foveal if subfield in a.etdrs_thickness_um]
             etdrs[(*key, subfield)] = (
                 len(foveal), len(found), sum(a for *_z, a in found) * LATERAL_MM * AXIAL_MM,
-                len(found) / (len(foveal) * GRID_AREA[subfield]), sum(thickness) / len(thickness) if thickness else None,
+                len(found) / (len(foveal) * GRID_AREA[subfield]),
+                sum(thickness) / len(thickness) if thickness else None,
             )
     return etdrs, layers
 
@@ -229,7 +230,8 @@ def test_etdrs_and_layer_views_give_the_designed_rows_on_both_backends(tmp_path:
     assert set(got_layers) == set(layers)
     for key, (n_volumes, count, area) in layers.items():
         row = got_layers[key]
-        assert (row.n_volumes, row.hrf_count) == (n_volumes, count) and row.hrf_area_mm2 == pytest.approx(area, abs=2e-9)
+        assert (row.n_volumes, row.hrf_count) == (n_volumes, count), key
+        assert row.hrf_area_mm2 == pytest.approx(area, abs=2e-9), key
     # spot checks of the definitions: two volumes share the density, the older run of P2 is not counted
     c0 = got_etdrs[("P1", date(2024, 1, 10), "OD", "C0")]
     assert (c0.hrf_count, c0.n_volumes, c0.mean_thickness_um) == (3, 2, pytest.approx(255.75))
@@ -298,6 +300,28 @@ def test_a_0002_postgresql_database_upgrades_keeping_every_row(pg_cluster) -> No
     before = _counts(url)
     assert upgrade(url) == "0003" and _counts(url) == before
     _check_upgraded(url)
+
+
+def test_0003_downgrades_to_0002_keeping_the_lesions_and_upgrades_again(store_url: str) -> None:
+    from alembic import command
+
+    from hrf_batch.store.engine import _alembic_config, make_engine, resolve_url, writer
+
+    (patient, eye, visit, sha), (lesions, anatomy) = next(iter(STUDY.items()))
+    with open_store(store_url) as store:
+        store.save_volume_result(make_result(make_meta(patient, eye, visit, sha), lesions, anatomy=anatomy))
+    before = _counts(store_url)
+    engine = make_engine(resolve_url(store_url))
+    try:
+        with writer(engine).begin() as conn:
+            command.downgrade(_alembic_config(conn), "0002")
+    finally:
+        engine.dispose()
+    assert _counts(store_url) == before
+    assert upgrade(store_url) == "0003"
+    with open_store(store_url) as store:
+        (volume,) = store.volume_results(patient, masks=False)
+    assert volume.anatomy is None and {les.zone for b in volume.bscans for les in b.lesions} == {"unknown"}
 
 
 def test_the_check_constraints_hold_in_the_database(store_url: str) -> None:

@@ -200,6 +200,7 @@ def downgrade() -> None:
         op.execute(f"DROP VIEW {view}")
     op.drop_table("run_etdrs_thickness")
     op.drop_table("run_anatomy")
-    with op.batch_alter_table("lesions") as batch:
-        batch.drop_column("etdrs_subfield")
-        batch.drop_column("zone")
+    with op.batch_alter_table("lesions") as batch:  # SQLite copies the table; PostgreSQL alters it
+        for column in ("etdrs_subfield", "zone"):
+            batch.drop_constraint(f"ck_lesions_{column}", type_="check")
+            batch.drop_column(column)
