@@ -19,13 +19,16 @@ from test_store_anatomy import AXIAL_MM, GRID_AREA, LATERAL_MM, make_anatomy, ma
 #: mean thickness per subfield)
 COHORT = {
     ("P001", "OD", date(2024, 1, 10)): (
-        [(0, "outer-retina", "C0", 5), (0, "inner-retina", "C0", 3), (1, "outer-retina", "N1", 7), (2, "elm-bm", "T2", 4)],
+        [(0, "outer-retina", "C0", 5), (0, "inner-retina", "C0", 3), (1, "outer-retina", "N1", 7),
+         (2, "elm-bm", "T2", 4)],
         True, {"C0": 262.5, "N1": 318.0, "T1": 301.25},
     ),
     ("P001", "OD", date(2024, 4, 10)): ([(1, "outer-retina", "C0", 6)], True, {"C0": 270.0}),
     ("P001", "OD", date(2024, 7, 10)): ([(0, "outer-retina", "unknown", 9)], False, {}),  # no fovea: no ETDRS rows
     ("P001", "OS", date(2024, 1, 10)): ([(2, "below-bm", "I2", 2)], True, {"I2": 280.0}),
-    ("P002", "OD", date(2024, 2, 1)): ([(0, "outer-retina", "S1", 8), (1, "outer-retina", "S1", 3)], True, {"S1": 333.0}),
+    ("P002", "OD", date(2024, 2, 1)): (
+        [(0, "outer-retina", "S1", 8), (1, "outer-retina", "S1", 3)], True, {"S1": 333.0},
+    ),
 }
 
 
@@ -51,7 +54,8 @@ def fill(url: str) -> None:
     with open_store(url) as store:
         for k, ((patient, eye, visit), (lesions, fovea, thickness)) in enumerate(COHORT.items()):
             anatomy = make_anatomy(fovea=fovea, thickness=thickness, seed=k)
-            store.save_volume_result(make_result(make_meta(patient, eye, visit, sha="abcdef"[k]), lesions, anatomy=anatomy))
+            meta = make_meta(patient, eye, visit, sha="abcdef"[k])
+            store.save_volume_result(make_result(meta, lesions, anatomy=anatomy))
 
 
 def index_in_bscan(found: list[tuple], k: int) -> int:

@@ -65,7 +65,9 @@ ETDRS_COLUMNS = PLACE_COLUMNS | {
     "subfield": "string", "n_volumes": "Int64", "hrf_count": "Int64", "hrf_area_mm2": "Float64",
     "density_per_mm2": "Float64", "mean_thickness_um": "Float64",
 }
-LAYER_COLUMNS = PLACE_COLUMNS | {"zone": "string", "n_volumes": "Int64", "hrf_count": "Int64", "hrf_area_mm2": "Float64"}
+LAYER_COLUMNS = PLACE_COLUMNS | {
+    "zone": "string", "n_volumes": "Int64", "hrf_count": "Int64", "hrf_area_mm2": "Float64",
+}
 IDENTIFIER_COLUMNS = {"patient_name": "string", "birth_date": "string"}
 
 

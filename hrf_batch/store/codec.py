@@ -4,8 +4,8 @@ Masks are stored as 1-bit PNG: exact, small (a 496×1024 mask with a few HRF is 
 (the shape is in the header) and openable by any image viewer when someone inspects the database.
 Layer lines are one compressed npz blob with an integer array per boundary: the row × 10 (0.1 px is
 far below what any segmentation resolves), -32768 where unknown; int16 while every row fits (B-scans
-up to 3276 px tall), int32 beyond. Relevance maps are lossy by design (QC only): at most 1/4 of the B-scan size per side, scaled by
-their largest absolute value ``m`` and stored as 8-bit PNG with ``q = 128 + round(127·r/m)``, so
+up to 3276 px tall), int32 beyond. Relevance maps are lossy by design (QC only): at most 1/4 of the
+B-scan size per side, scaled by their largest absolute value ``m`` and stored as 8-bit PNG with ``q = 128 + round(127·r/m)``, so
 zero and ±m decode exactly and every other value is within m/254.
 """
 
