@@ -36,6 +36,7 @@ _BLANK_FRACTION = 0.9    # a column with more zero pixels than this is padding, 
 _RETINA_RUN_UM = 120.0   # ILM test: this much tissue must follow, more than any floater is tall
 _OUTER_UM = (40.0, 800.0)   # outer bright complex below the ILM (fovea thin .. thick oedema / disc rim)
 _BASELINE_MM = 2.6       # drusen and PED narrower than this are lifts above BM, not BM itself
+_TOP_UM = 30.0           # tissue in this many top rows means the retina runs out of the frame
 _LIFT_UM = 12.0          # RPE edge this far above the baseline counts as lifted
 _ESTIMATED = ("ILM", "INL", "ELM", "EZ", "RPE", "BM")
 _NEG = -1.0e9
@@ -94,7 +95,7 @@ def _dp_path(score: np.ndarray, max_jump: int, penalty: float) -> np.ndarray:
     cost = penalty * np.abs(np.arange(-k, k + 1, dtype=np.float64))
     acc = score[:, 0].astype(np.float64)
     back = np.zeros((d, w), dtype=np.int32)
-    padded = np.full(d + 2 * k, _NEG * 10, dtype=np.float64)
+    padded = np.full(d + 2 * k, -np.inf, dtype=np.float64)
     view = sliding_window_view(padded, 2 * k + 1)  # shares memory with ``padded``
     win = np.empty(view.shape, dtype=np.float64)
     rows = np.arange(d)
@@ -110,7 +111,7 @@ def _dp_path(score: np.ndarray, max_jump: int, penalty: float) -> np.ndarray:
     path = np.empty(w, dtype=np.int64)
     path[-1] = int(acc.argmax())
     for j in range(w - 1, 0, -1):
-        path[j - 1] = path[j] + back[path[j], j]
+        path[j - 1] = min(max(path[j] + back[path[j], j], 0), d - 1)
     return path
 
 
@@ -234,7 +235,11 @@ def _ilm_score(s: np.ndarray, grad: np.ndarray, valid: np.ndarray, px: float) ->
     vitreous_above = np.clip(1.0 - 2.0 * (above - vit) / span, 0.0, 1.0)
     edge = np.clip(grad / span * 4.0, 0.0, 1.0)
     score = edge * tissue_below * vitreous_above
-    found = (score.max(axis=0) > 0.15) & valid
+    score[: above_len + 2] = 0.0  # no vitreous above to see: the ILM is not in the frame there
+    # tissue in the top rows: the retina is cut off or folded back by the scan's depth window
+    top_len = max(2, int(round(_TOP_UM * px)))
+    cut = (s[:top_len].mean(axis=0) - vit[0, 0]) > 0.4 * span[0, 0]
+    found = (score.max(axis=0) > 0.15) & valid & ~cut
     return score, found
 
 
@@ -275,8 +280,18 @@ def _bscan_lines(img: np.ndarray, spacing: Spacing, given: dict[str, np.ndarray]
 
     # 2. outer bright complex
     bm_given = _given_binned(given.get("BM"), size, nb)
-    s_wide = ndi.gaussian_filter(b, (10.0 * px, 1.0), mode="nearest")
-    peak_norm = s_wide / np.maximum(s_wide.max(axis=0, keepdims=True), 1.0) * 100.0
+    # the vitreous is filled with the tissue just below the ILM, so that the ILM edge cannot pass for
+    # a later edge (the OPL's, or the top of the outer bright complex)
+    top = np.clip(np.round(ilm).astype(np.int64) + 2, 0, h - 1)
+    rows = np.arange(h)[:, None]
+    filled = np.where(rows < top[None, :], b[top, np.arange(nb)][None, :], b)
+    s_wide = ndi.gaussian_filter(filled, (10.0 * px, 1.0), mode="nearest")
+    # the EZ..RPE complex is bright with the dark ONL above it; a thick bright RNFL (around the disc)
+    # is bright too, but with more RNFL above it
+    gap_lo, gap_len = int(round(70.0 * px)), max(2, int(round(40.0 * px)))
+    above = _box_mean(s_wide, np.arange(h) - gap_lo, gap_len)
+    colmax = np.maximum(s_wide.max(axis=0, keepdims=True), 1.0)
+    peak_norm = (s_wide + np.maximum(s_wide - above, 0.0)) / colmax * 100.0
     lo = np.full(nb, _OUTER_UM[0] * px)
     hi = np.full(nb, _OUTER_UM[1] * px)
     if bm_given is not None:
@@ -304,10 +319,6 @@ def _bscan_lines(img: np.ndarray, spacing: Spacing, given: dict[str, np.ndarray]
     elm = _trace(ridge, ez, np.full(nb, -40.0 * px), np.full(nb, -10.0 * px), small, 1.0, invalid)
 
     # 5. INL/OPL between the ILM and the ELM
-    # the vitreous is filled with the tissue below the ILM, so the ILM edge cannot pass for the OPL
-    top = np.clip(np.round(ilm).astype(np.int64) + 2, 0, h - 1)
-    rows = np.arange(h)[:, None]
-    filled = np.where(rows < top[None, :], b[top, np.arange(nb)][None, :], b)
     g_inl = ndi.gaussian_filter(filled, (2.0, 2.0), mode="nearest")
     grad_inl = np.zeros_like(g_inl)
     grad_inl[1:-1] = 0.5 * (g_inl[2:] - g_inl[:-2])
