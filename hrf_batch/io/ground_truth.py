@@ -3,11 +3,16 @@
 ::
 
     STUDY/ground_truth/manifest.csv        one row per B-scan: where its volume and masks are, HRF count and area
-    STUDY/ground_truth/<stem>.npz          ``labels``: int16 (n, H, W), 0 = background, one id per HRF
+    STUDY/ground_truth/<stem>.npz          ``labels``: int16 (n, H, W), 0 = background, one id per HRF;
+                                           ``layers_<NAME>``: float32 (n, W), the true row of each boundary
+                                           of LAYER_NAMES; ``fovea_rc``: float64 [B-scan index, column] of
+                                           the foveal centre (both fractional)
 
 Volumes are keyed by (patient id, visit date, eye), which every reader returns, so the masks match
-whatever format the volume was written in. Training labels, segmentation evaluation and prompt
-calibration all read it through :func:`load_ground_truth`, which says what to do when it is missing.
+whatever format the volume was written in. Columns are those of the B-scans as written (a left eye's
+truth is mirrored like its images). Training labels, segmentation evaluation and prompt calibration
+read the masks through :func:`load_ground_truth`; the anatomy evaluation reads layers and fovea
+through :func:`load_anatomy_truth`. Both say what to do when the truth is missing.
 """
 
 from __future__ import annotations
@@ -20,12 +25,49 @@ from pathlib import Path
 import numpy as np
 
 from hrf_batch.errors import LabelError
+from hrf_batch.io.volume import LAYER_NAMES, LayerLines
 
 TRUTH_DIR = "ground_truth"
 MANIFEST = "manifest.csv"
 MANIFEST_COLUMNS = ("patient_id", "visit_date", "eye", "format", "source", "mask_file", "bscan_index", "hrf_count",
                     "hrf_area_px")
 VolumeKey = tuple[str, date, str]
+LAYER_PREFIX = "layers_"
+FOVEA_KEY = "fovea_rc"
+_SYNTH_HINT = "use a study written by `hrf-batch synth`, which writes HRF masks beside the scans"
+
+
+@dataclass(frozen=True, eq=False)
+class SyntheticVolume:
+    """What a synthetic generator knows about one volume it drew: the images and HRF labels, and the
+    anatomy they were drawn from, so layer and fovea estimates can be scored against it.
+
+    ``layers`` maps LAYER_NAMES keys to float32 ``(n, W)`` rows; the fovea is at fractional B-scan
+    index ``fovea_bscan`` and column ``fovea_col``, in the coordinates of ``images``."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    layers: dict[str, np.ndarray]
+    fovea_bscan: float
+    fovea_col: float
+
+    def mirrored(self) -> SyntheticVolume:
+        """The same volume seen as a left eye: columns reversed, column ``c`` becomes ``W - 1 - c``."""
+        width = self.images.shape[2]
+        return SyntheticVolume(
+            images=self.images[:, :, ::-1].copy(), labels=self.labels[:, :, ::-1].copy(),
+            layers={k: v[:, ::-1].copy() for k, v in self.layers.items()},
+            fovea_bscan=self.fovea_bscan, fovea_col=width - 1 - self.fovea_col,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class AnatomyTruth:
+    """The true layer lines (source "ground-truth") and foveal centre of one synthetic volume."""
+
+    layers: LayerLines
+    fovea_bscan: float
+    fovea_col: float
 
 
 @dataclass(frozen=True)
@@ -73,15 +115,46 @@ def load_ground_truth(study_dir: Path, needed_for: str = "this command") -> dict
     :class:`LabelError` when the study has no ground truth, naming ``needed_for`` so the user knows
     why it was looked for."""
     study_dir = Path(study_dir)
+    return {key: np.load(study_dir / mask_file)["labels"] for key, mask_file in _mask_files(study_dir, needed_for).items()}
+
+
+def _mask_files(study_dir: Path, needed_for: str) -> dict[VolumeKey, str]:
+    """Each volume's ground-truth file (relative to the study), from the manifest, in its order."""
     if not has_ground_truth(study_dir):
-        raise LabelError(f"{study_dir} has no {TRUTH_DIR}/{MANIFEST}, which {needed_for} needs",
-                         "use a study written by `hrf-batch synth`, which writes HRF masks beside the scans")
-    out: dict[VolumeKey, np.ndarray] = {}
+        raise LabelError(f"{study_dir} has no {TRUTH_DIR}/{MANIFEST}, which {needed_for} needs", _SYNTH_HINT)
+    out: dict[VolumeKey, str] = {}
     with open(manifest_path(study_dir), newline="") as fh:
         for row in csv.DictReader(fh):
-            key = (row["patient_id"], date.fromisoformat(row["visit_date"]), row["eye"])
-            if key not in out:
-                out[key] = np.load(study_dir / row["mask_file"])["labels"]
+            out.setdefault((row["patient_id"], date.fromisoformat(row["visit_date"]), row["eye"]), row["mask_file"])
+    return out
+
+
+def truth_arrays(truth: SyntheticVolume) -> dict[str, np.ndarray]:
+    """The anatomy entries of a volume's ground-truth file (the layout in the module docstring)."""
+    out = {f"{LAYER_PREFIX}{name}": np.asarray(rows, dtype=np.float32) for name, rows in truth.layers.items()}
+    out[FOVEA_KEY] = np.array([truth.fovea_bscan, truth.fovea_col], dtype=np.float64)
+    return out
+
+
+def load_anatomy_truth(study_dir: Path, needed_for: str = "the anatomy evaluation") -> dict[VolumeKey, AnatomyTruth]:
+    """True layer lines and foveal centre of every volume, keyed by (patient id, visit date, eye).
+
+    :class:`LabelError` when the study has no ground truth, or when it was written before the
+    ground truth held the anatomy (write it again with `hrf-batch synth`)."""
+    study_dir = Path(study_dir)
+    out: dict[VolumeKey, AnatomyTruth] = {}
+    for key, mask_file in _mask_files(study_dir, needed_for).items():
+        with np.load(study_dir / mask_file) as data:
+            names = [n for n in LAYER_NAMES if f"{LAYER_PREFIX}{n}" in data.files]
+            if not names or FOVEA_KEY not in data.files:
+                raise LabelError(
+                    f"{study_dir / mask_file} holds HRF masks but no layer lines or fovea, which {needed_for} needs "
+                    "(the study was written by an older hrf-batch)",
+                    "write the study again with `hrf-batch synth`",
+                )
+            rows = {n: data[f"{LAYER_PREFIX}{n}"].astype(np.float32) for n in names}
+            bscan, col = (float(v) for v in data[FOVEA_KEY])
+        out[key] = AnatomyTruth(LayerLines(rows=rows, source="ground-truth"), bscan, col)
     return out
 
 

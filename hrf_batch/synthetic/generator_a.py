@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-from hrf_batch.io.volume import display_from_linear
+from hrf_batch.io.ground_truth import SyntheticVolume
+from hrf_batch.io.volume import LAYER_NAMES, display_from_linear
 
 # Display curve of the HEYEX export (see hrf_batch.io.volume): display = (ln(x + OFF) + A) / B * 255.
 _OFF, _A, _B = 2.44e-4, 8.3, 8.285
@@ -504,7 +505,7 @@ def synth_bscan(
     return _render(rng, eye, height, width, 0.0, n)
 
 
-def synth_volume(
+def synth_volume_truth(
     rng: np.random.Generator,
     *,
     n_bscans: int,
@@ -512,13 +513,15 @@ def synth_volume(
     width: int = 512,
     hrf_prevalence: float = 0.4,
     max_hrf: int = 6,
-) -> tuple[np.ndarray, np.ndarray]:
-    """A macular volume scan of a right eye: ``n_bscans`` parallel B-scans over a square field.
+) -> SyntheticVolume:
+    """A macular volume scan of a right eye: ``n_bscans`` parallel B-scans over a square field, with
+    the anatomy it was drawn from.
 
     Anatomy (curvature, layers, pit, vessels, drusen) is continuous across B-scans and the fovea
     lies near the middle B-scan. Each B-scan holds HRFs with probability ``hrf_prevalence``
-    (1..``max_hrf`` of them). Returns images float32 ``(n, H, W)`` and labels int32 ``(n, H, W)``
-    with ids 1..k per B-scan.
+    (1..``max_hrf`` of them). Images are float32 ``(n, H, W)``, labels int32 ``(n, H, W)`` with ids
+    1..k per B-scan; the layers are the true boundary rows of every LAYER_NAMES key, and the fovea is
+    where the pit is centred, as fractional B-scan index (B-scans are evenly spaced) and column.
     """
     if n_bscans < 1:
         raise ValueError(f"n_bscans must be >= 1, got {n_bscans}")
@@ -531,8 +534,28 @@ def synth_volume(
     eye = _make_eye(rng, height, width, lat, ax, fovea_x, field_z, fovea_z)
     images = np.empty((n_bscans, height, width), np.float32)
     labels = np.empty((n_bscans, height, width), np.int32)
+    layers = {name: np.empty((n_bscans, width), np.float32) for name in LAYER_NAMES}
     for i, z in enumerate(np.linspace(0.0, field_z, n_bscans)):
         n = int(rng.integers(1, max_hrf + 1)) if rng.random() < hrf_prevalence else 0
         scan = _render(rng, eye, height, width, float(z), n)
         images[i], labels[i] = scan.image, scan.hrf_labels
-    return images, labels
+        for name, rows in layers.items():
+            rows[i] = scan.layers[name]
+    fovea_bscan = fovea_z / field_z * (n_bscans - 1) if field_z > 0 else 0.0
+    # column c lies at c * lat mm (see _render)
+    return SyntheticVolume(images, labels, layers, float(fovea_bscan), float(fovea_x / lat))
+
+
+def synth_volume(
+    rng: np.random.Generator,
+    *,
+    n_bscans: int,
+    height: int = 496,
+    width: int = 512,
+    hrf_prevalence: float = 0.4,
+    max_hrf: int = 6,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The images and HRF labels of :func:`synth_volume_truth` (same random draws, same volume)."""
+    truth = synth_volume_truth(rng, n_bscans=n_bscans, height=height, width=width, hrf_prevalence=hrf_prevalence,
+                               max_hrf=max_hrf)
+    return truth.images, truth.labels

@@ -74,6 +74,18 @@ class SyntheticBScan:
         return int(self.hrf_labels.max(initial=0))
 
 
+@dataclass(frozen=True, eq=False)
+class VolumeTruth:
+    """One generator-B volume with the anatomy it was drawn from (the study writer turns it into the
+    ground-truth type; this module imports nothing of hrf-batch, to stay independent of generator A)."""
+
+    images: np.ndarray            # (n, H, W) float32, 0..255
+    labels: np.ndarray            # (n, H, W) int32, HRF ids 1..k per B-scan
+    layers: dict[str, np.ndarray]  # every LAYER_KEYS boundary, float32 (n, W) rows as rendered
+    fovea_bscan: float            # foveal centre: fractional B-scan index ...
+    fovea_col: float              # ... and column
+
+
 @dataclass(frozen=True)
 class _Look:
     """Scanner and display settings of one volume (domain randomisation)."""
@@ -697,6 +709,12 @@ def synth_bscan(rng: np.random.Generator, height: int = 496, width: int = 512, n
 def synth_volume_bscans(rng: np.random.Generator, n_bscans: int, height: int = 496, width: int = 512,
                         hrf_prevalence: float = 0.3) -> list[SyntheticBScan]:
     """A macular volume of one right eye, B-scan by B-scan with full truth (layers, decoys)."""
+    return _volume(rng, n_bscans, height, width, hrf_prevalence)[1]
+
+
+def _volume(rng: np.random.Generator, n_bscans: int, height: int, width: int,
+            hrf_prevalence: float) -> tuple[_Eye, list[SyntheticBScan]]:
+    """The eye of a volume and its B-scans (the eye holds the foveal centre)."""
     check_size(height, width)
     if n_bscans < 1:
         raise ValueError(f"n_bscans must be >= 1, got {n_bscans}")
@@ -708,12 +726,27 @@ def synth_volume_bscans(rng: np.random.Generator, n_bscans: int, height: int = 4
     for z in zs:
         jitter = float(np.clip(jitter + rng.normal(0.0, 0.7), -3.0, 3.0))  # axial eye motion between B-scans
         scans.append(_render(rng, eye, float(z), _hrf_count(rng, hrf_prevalence), jitter))
-    return scans
+    return eye, scans
+
+
+def synth_volume_truth(rng: np.random.Generator, n_bscans: int, height: int = 496, width: int = 512,
+                       hrf_prevalence: float = 0.3) -> VolumeTruth:
+    """Images and HRF labels as :func:`synth_volume` returns them, with the true boundary rows of every
+    LAYER_KEYS boundary (as rendered, eye motion included) and the foveal centre as fractional B-scan
+    index and column, so layer and fovea estimates can be scored."""
+    eye, scans = _volume(rng, n_bscans, height, width, hrf_prevalence)
+    # B-scan i lies at z = SLOW_FIELD_MM * i / (n - 1); a lone B-scan passes through the fovea
+    fovea_bscan = eye.fz / SLOW_FIELD_MM * (n_bscans - 1) if n_bscans > 1 else 0.0
+    # column c is centred at (c + 0.5) * lat mm (see _render)
+    fovea_col = eye.fx / eye.lat - 0.5
+    layers = {name: np.stack([s.layers[name] for s in scans]) for name in LAYER_KEYS}
+    return VolumeTruth(np.stack([s.image for s in scans]), np.stack([s.hrf_labels for s in scans]), layers,
+                       float(fovea_bscan), float(fovea_col))
 
 
 def synth_volume(rng: np.random.Generator, n_bscans: int, height: int = 496, width: int = 512,
                  hrf_prevalence: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
     """Same contract as generator A's: images float32 (n, H, W) on 0..255 and int32 HRF labels
     (n, H, W), ids 1..k per B-scan, so the study writer can call either generator."""
-    scans = synth_volume_bscans(rng, n_bscans, height, width, hrf_prevalence)
-    return np.stack([s.image for s in scans]), np.stack([s.hrf_labels for s in scans])
+    truth = synth_volume_truth(rng, n_bscans, height, width, hrf_prevalence)
+    return truth.images, truth.labels

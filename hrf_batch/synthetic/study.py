@@ -6,28 +6,50 @@ Layout::
     OUT/P001/2023-04-10/P001_2023-04-10.e2e             HEYEX .e2e (both eyes in one file)
     OUT/P002/2023-01-17/OD_xml/P002_..._OD.xml + TIFFs  HEYEX XML export
     OUT/P002/2023-01-17/OS_dicom/*.dcm                  DICOM OCT (+ localizer)
-    OUT/ground_truth/P001_2023-01-10_OD.npz             HRF label masks (n, H, W), one id per HRF
+    OUT/ground_truth/P001_2023-01-10_OD.npz             HRF label masks (n, H, W), one id per HRF, true
+                                                        layer rows and foveal centre
     OUT/ground_truth/manifest.csv                       one row per B-scan: HRF count and area
 
 The ground-truth layout is defined (and read back) by :mod:`hrf_batch.io.ground_truth`. The B-scans
-come from generator a or b (``StudySpec.generator``); ``StudySpec.widths`` mixes B-scan widths.
+come from generator a or b (``StudySpec.generator``); ``StudySpec.widths`` mixes B-scan widths. The
+true layer lines go to the ground truth only, never into the scan files: the files carry no device
+lines, so the pipeline has to estimate them, and that estimate is what the truth measures.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from hrf_batch.io.ground_truth import TRUTH_DIR, GroundTruthVolume, count_labels, label_areas, write_manifest
-from hrf_batch.io.volume import BScanPosition, Spacing, Volume, VolumeMeta
+from hrf_batch.io.ground_truth import (
+    TRUTH_DIR,
+    GroundTruthVolume,
+    SyntheticVolume,
+    count_labels,
+    label_areas,
+    truth_arrays,
+    write_manifest,
+)
+from hrf_batch.io.volume import LAYER_NAMES, BScanPosition, Spacing, Volume, VolumeMeta
 from hrf_batch.synthetic import generator_a, generator_b
 from hrf_batch.synthetic.fundus import synth_localizer
 
 FORMAT_CYCLE = ("heyex-vol", "dicom-oct", "heyex-xml", "heyex-e2e")
-GENERATORS = {"a": generator_a.synth_volume, "b": generator_b.synth_volume}
+
+
+def _generator_b_truth(rng: np.random.Generator, **size: Any) -> SyntheticVolume:
+    """Generator B's volume as ground truth: only the boundaries hrf-batch names (LAYER_NAMES)."""
+    drawn = generator_b.synth_volume_truth(rng, **size)
+    layers = {name: drawn.layers[name] for name in LAYER_NAMES}
+    return SyntheticVolume(drawn.images, drawn.labels, layers, drawn.fovea_bscan, drawn.fovea_col)
+
+
+GENERATORS: dict[str, Callable[..., SyntheticVolume]] = {"a": generator_a.synth_volume_truth, "b": _generator_b_truth}
 _AXIAL_MM = 0.00387
 _SCAN_WIDTH_MM = 6.0
 _SCAN_HEIGHT_MM = 5.8
@@ -68,11 +90,19 @@ def synthetic_volume(rng: np.random.Generator, spec: StudySpec, patient: str, vi
                      when: datetime, width: int | None = None) -> tuple[Volume, np.ndarray]:
     """One synthetic volume with consistent metadata, and its HRF labels (n, H, W); ``width``
     overrides ``spec.width`` (visits of a study with several widths)."""
+    volume, truth = synthetic_volume_truth(rng, spec, patient, visit, eye, burden, when, width)
+    return volume, truth.labels
+
+
+def synthetic_volume_truth(rng: np.random.Generator, spec: StudySpec, patient: str, visit: date, eye: str,
+                           burden: float, when: datetime, width: int | None = None) -> tuple[Volume, SyntheticVolume]:
+    """:func:`synthetic_volume` with the generator's whole truth (labels, layer rows, fovea), seen
+    as the volume's eye: a left eye's truth is mirrored like its images. The Volume carries no layers."""
     width = spec.width if width is None else int(width)
-    images, labels = GENERATORS[spec.generator](rng, n_bscans=spec.bscans, height=spec.height, width=width,
-                                                hrf_prevalence=burden)
+    truth = GENERATORS[spec.generator](rng, n_bscans=spec.bscans, height=spec.height, width=width,
+                                       hrf_prevalence=burden)
     if eye == "OS":  # a left eye is the mirror image of a right one
-        images, labels = images[:, :, ::-1].copy(), labels[:, :, ::-1].copy()
+        truth = truth.mirrored()
     lateral = _SCAN_WIDTH_MM / width
     loc_size = 768 if width >= 384 else 2 * width
     loc_spacing = max(0.01182, 1.6 * max(_SCAN_WIDTH_MM, _SCAN_HEIGHT_MM) / loc_size)
@@ -88,7 +118,8 @@ def synthetic_volume(rng: np.random.Generator, spec: StudySpec, patient: str, vi
         localizer_spacing_mm=(loc_spacing, loc_spacing), birth_date=date(1940, 1, 1) + timedelta(days=int(rng.integers(0, 9000))),
         patient_name=f"Synthetic {patient}",
     )
-    return Volume(bscans=images.astype(np.float32), meta=meta, localizer=localizer.astype(np.float32)), labels
+    volume = Volume(bscans=truth.images.astype(np.float32), meta=meta, localizer=localizer.astype(np.float32))
+    return volume, truth
 
 
 def write_format(fmt: str, volumes: list[Volume], visit_dir: Path, stem: str) -> list[Path]:
@@ -134,13 +165,14 @@ def write_synthetic_study(out_dir: Path, spec: StudySpec) -> list[GroundTruthVol
             k += 1
             width = int(width_rng.choice(spec.widths)) if spec.widths else spec.width  # both eyes: one e2e file
             pairs = [
-                synthetic_volume(rng, spec, patient, visit, eye, min(0.9, burden * (1 + 0.5 * v)), datetime.combine(visit, datetime.min.time()) + timedelta(hours=9, minutes=5 * i), width)
+                synthetic_volume_truth(rng, spec, patient, visit, eye, min(0.9, burden * (1 + 0.5 * v)), datetime.combine(visit, datetime.min.time()) + timedelta(hours=9, minutes=5 * i), width)
                 for i, eye in enumerate(("OD", "OS"))
             ]
             sources = write_format(fmt, [vol for vol, _ in pairs], out_dir / patient / f"{visit:%Y-%m-%d}", stem)
-            for (vol, labels), source in zip(pairs, sources, strict=True):
+            for (vol, truth), source in zip(pairs, sources, strict=True):
                 mask_file = truth_dir / f"{stem}_{vol.meta.eye}.npz"
-                np.savez_compressed(mask_file, labels=labels.astype(np.int16))
+                labels = truth.labels
+                np.savez_compressed(mask_file, labels=labels.astype(np.int16), **truth_arrays(truth))
                 counts = tuple(int(c) for c in count_labels(labels))
                 areas = tuple(int(a) for a in label_areas(labels))
                 records.append(GroundTruthVolume(patient, visit, vol.meta.eye, fmt, source, mask_file, counts, areas))
