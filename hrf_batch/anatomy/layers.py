@@ -37,6 +37,7 @@ _RETINA_RUN_UM = 120.0   # ILM test: this much tissue must follow, more than any
 _OUTER_UM = (40.0, 800.0)   # outer bright complex below the ILM (fovea thin .. thick oedema / disc rim)
 _BASELINE_MM = 2.6       # drusen and PED narrower than this are lifts above BM, not BM itself
 _TOP_UM = 30.0           # tissue in this many top rows means the retina runs out of the frame
+_ILM_CONTRAST = 0.25     # tissue below the ILM minus vitreous above, over the image's tissue level
 _LIFT_UM = 12.0          # RPE edge this far above the baseline counts as lifted
 _ESTIMATED = ("ILM", "INL", "ELM", "EZ", "RPE", "BM")
 _NEG = -1.0e9
@@ -215,9 +216,10 @@ def _closing(line: np.ndarray, size: int) -> np.ndarray:
     return closed[pad:pad + line.size]
 
 
-def _ilm_score(s: np.ndarray, grad: np.ndarray, valid: np.ndarray, px: float) -> tuple[np.ndarray, np.ndarray]:
+def _ilm_score(s: np.ndarray, grad: np.ndarray, valid: np.ndarray, px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Score of each pixel as the ILM: a dark-to-bright edge with vitreous above it and tissue below
-    it for 120 um (more than any floater is tall), and which columns show tissue at all.
+    it for 120 um (more than any floater is tall); which columns may show the ILM at all; and the
+    contrast of tissue below each row against the rows above it, in units of tissue over vitreous.
 
     The vitreous level is taken per row (the noise floor fades with depth): the darkest fifth of each
     row, never rising with depth, so rows through the retina keep the level of the rows above them."""
@@ -239,8 +241,9 @@ def _ilm_score(s: np.ndarray, grad: np.ndarray, valid: np.ndarray, px: float) ->
     # tissue in the top rows: the retina is cut off or folded back by the scan's depth window
     top_len = max(2, int(round(_TOP_UM * px)))
     cut = (s[:top_len].mean(axis=0) - vit[0, 0]) > 0.4 * span[0, 0]
-    found = (score.max(axis=0) > 0.15) & valid & ~cut
-    return score, found
+    found = (score.max(axis=0) > 0.05) & valid & ~cut
+    contrast = (below - above) / span  # tissue below the row against vitreous above it
+    return score, found, contrast
 
 
 def _bscan_lines(img: np.ndarray, spacing: Spacing, given: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -263,7 +266,7 @@ def _bscan_lines(img: np.ndarray, spacing: Spacing, given: dict[str, np.ndarray]
     grad[1:-1] = 0.5 * (s[2:] - s[:-2])
 
     # 1. ILM
-    score, found = _ilm_score(s, grad, valid, px)
+    score, found, contrast = _ilm_score(s, grad, valid, px)
     ilm_given = _given_binned(given.get("ILM"), size, nb)
     has = found | (np.isfinite(ilm_given) if ilm_given is not None else False)
     if not has.any():
@@ -273,8 +276,11 @@ def _bscan_lines(img: np.ndarray, spacing: Spacing, given: dict[str, np.ndarray]
     first = np.where(found, np.argmax(strong, axis=0), -1)
     r_lo = max(1, int(first[found].min()) - int(round(50.0 * px))) if found.any() else 1
     r_hi = min(h - 2, int(first[found].max()) + int(round(250.0 * px))) if found.any() else h - 2
-    ilm = _trace(score, np.zeros(nb), np.full(nb, float(r_lo)), np.full(nb, float(r_hi)), max(2, int(round(bin_um * 0.25 * px))), 0.05, invalid)
+    ilm = _trace(score, np.zeros(nb), np.full(nb, float(r_lo)), np.full(nb, float(r_hi)), max(2, int(round(bin_um * 1.0 * px))), 0.05, invalid)
     ilm = _trace(grad, ilm, np.full(nb, -2.0), np.full(nb, 2.0), 1, 0.5, invalid)  # onto the edge itself
+    at = np.clip(np.round(ilm).astype(np.int64), 0, h - 1)
+    found &= contrast[at, np.arange(nb)] > _ILM_CONTRAST  # a path through the vitreous is no ILM
+    has = found | (np.isfinite(ilm_given) if ilm_given is not None else False)
     if ilm_given is not None:
         ilm = np.where(np.isfinite(ilm_given), ilm_given, ilm)
 
