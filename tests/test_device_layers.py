@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -11,10 +12,17 @@ from pathlib import Path
 import eyepy
 import numpy as np
 import pytest
+from eyepy.io.he.e2e_reader import HeE2eReader
 from eyepy.io.he.vol_reader import HeVolReader
 
-from hrf_batch.io.readers import read_volume
+from hrf_batch.io.readers import read_volume, read_volumes
 from hrf_batch.io.readers.heyex_vol import BSCAN_STRUCT, FILE_HEADER_SIZE, device_rows, parse_header
+from hrf_batch.io.volume import LAYER_NAMES, LayerLines, Volume
+from hrf_batch.io.writers.e2e import write_e2e
+from hrf_batch.io.writers.heyex_xml import write_heyex_xml
+from hrf_batch.io.writers.vol import write_vol
+
+from conftest import make_test_volume
 
 RAW = "spectralis-raw-data"
 # Byte offset of the line count in a .vol B-scan header (after version, header size and four doubles).
@@ -141,3 +149,101 @@ def test_xml_damaged_segmentation_drops_the_lines_with_a_warning(
         vol = read_volume(xml)
     assert vol.layers is None and vol.bscans.shape == (10, 40, 50)
     assert "ILM line of B-scan 0" in caplog.text and "damaged" in caplog.text
+
+
+# --- writers: each format's own layout, read back equal ------------------------------------------------
+
+
+def _with_layers(n: int = 3, height: int = 40, width: int = 64) -> Volume:
+    """The test volume with smooth, ordered lines (NaN at the edges, as devices leave them) plus an RPE
+    line, which no HEYEX format has a place for."""
+    base = make_test_volume(n, height, width)
+    x = np.linspace(0.0, 1.0, width, dtype=np.float32)
+    top = (4.0 + 3.0 * np.sin(6.0 * x)[None, :] + np.arange(n, dtype=np.float32)[:, None] * 0.37).astype(np.float32)
+    offsets = {"ILM": 0.0, "RNFL": 2.5, "GCL": 5.125, "IPL": 8.0, "INL": 11.3, "OPL": 14.0, "ELM": 20.0, "EZ": 23.7,
+               "RPE": 27.0, "BM": 30.1}
+    rows = {name: (top + np.float32(off)).astype(np.float32) for name, off in offsets.items()}
+    rows["ILM"][:, :3] = np.nan
+    rows["EZ"][1, 40:] = np.nan
+    return dataclasses.replace(base, layers=LayerLines(rows=rows, source="device"))
+
+
+def _expected(volume: Volume) -> dict[str, np.ndarray]:
+    return {name: rows for name, rows in volume.layers.rows.items() if name != "RPE"}
+
+
+def _assert_layers_equal(read: Volume, written: Volume) -> None:
+    assert read.layers is not None and read.layers.source == "device"
+    expected = _expected(written)
+    assert read.layers.names == tuple(n for n in LAYER_NAMES if n in expected)
+    for name, rows in expected.items():
+        np.testing.assert_array_equal(read.layers.get(name), rows, err_msg=name)
+
+
+def test_vol_round_trip_keeps_the_lines(tmp_path: Path) -> None:
+    vol = _with_layers()
+    path = write_vol(vol, tmp_path / "layers.vol")
+    read = read_volume(path)
+    _assert_layers_equal(read, vol)
+    np.testing.assert_allclose(read.bscans, vol.bscans, atol=0.01)
+    # the layout HEYEX uses: an independent reader finds each line at HEYEX's index
+    ref = HeVolReader(path).layers
+    np.testing.assert_array_equal(ref[0], vol.layers.get("ILM"))
+    np.testing.assert_array_equal(ref[1], vol.layers.get("BM"))
+    np.testing.assert_array_equal(ref[14], vol.layers.get("EZ"))
+    assert np.isnan(ref[7]).all() and ref.shape[0] == 15
+
+
+def test_e2e_round_trip_keeps_the_lines_of_every_series(tmp_path: Path) -> None:
+    od = _with_layers()
+    os_ = dataclasses.replace(make_test_volume(2, 40, 64, eye="OS", seed=4), layers=None)
+    path = write_e2e([od, os_], tmp_path / "layers.e2e")
+    read = {v.meta.eye: v for v in read_volumes(path)}
+    _assert_layers_equal(read["OD"], od)
+    assert read["OS"].layers is None
+    # an independent reader finds each line under HEYEX's layer id
+    with HeE2eReader(path) as reader:
+        ref = {len(s.slices): s.get_layers() for s in reader.series}[3]
+    np.testing.assert_array_equal(ref[0].astype(np.float32), od.layers.get("ILM"))
+    np.testing.assert_array_equal(ref[14].astype(np.float32), od.layers.get("EZ"))
+
+
+def test_xml_round_trip_keeps_the_lines(tmp_path: Path) -> None:
+    vol = _with_layers()
+    path = write_heyex_xml(vol, tmp_path / "export", stem="x")
+    read = read_volume(path)
+    _assert_layers_equal(read, vol)
+    ref = eyepy.import_heyex_xml(path).layers
+    np.testing.assert_array_equal(ref["PR1"].data.astype(np.float32), vol.layers.get("EZ"))
+
+
+@pytest.mark.parametrize("write", ["vol", "e2e", "xml"])
+def test_without_layers_the_files_carry_none(tmp_path: Path, write: str) -> None:
+    vol = make_test_volume(2, 40, 64)
+    if write == "vol":
+        path = write_vol(vol, tmp_path / "plain.vol")
+        hdr = parse_header(path, path.read_bytes()[:FILE_HEADER_SIZE], path.stat().st_size)
+        assert hdr.bscan_hdr_size == 256  # today's layout: no room taken for lines
+    elif write == "e2e":
+        path = write_e2e([vol], tmp_path / "plain.e2e")
+    else:
+        path = write_heyex_xml(vol, tmp_path / "plain", stem="x")
+        assert "<Segmentation>" not in path.read_text(encoding="utf-8")
+    assert read_volume(path).layers is None
+
+
+@pytest.mark.parametrize("declared", [65, 10_000_000], ids=["other-width", "past-the-record"])
+def test_e2e_damaged_layer_record_drops_the_lines_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, declared: int
+) -> None:
+    vol = _with_layers()
+    path = write_e2e([vol], tmp_path / "damaged.e2e")
+    data = bytearray(path.read_bytes())
+    ez_record = struct.pack("<5I", 0, 14, 0, 64, 0) + vol.layers.get("EZ")[0, :4].tobytes()
+    at = bytes(data).index(ez_record)
+    struct.pack_into("<I", data, at + 12, declared)
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        read = read_volume(path)
+    assert read.layers is None and read.bscans.shape == (3, 40, 64)
+    assert "layer record of B-scan 0" in caplog.text and "damaged" in caplog.text

@@ -3,9 +3,12 @@
 An `.e2e` is a chain of directory chunks; each chunk lists entries (patient, study, series, slice,
 type) that point at data containers stored right after it. We write the smallest set of entries that
 independent E2E readers need to return the OCT series: patient, device, laterality, modality strings,
-exam time, a localizer per series and, per B-scan, its metadata, one layer and the pixels. Pixels are
+exam time, a localizer per series and, per B-scan, its metadata, its layers and the pixels. Pixels are
 stored as HEYEX's unsigned 16-bit float (6-bit exponent, bit-reversed 10-bit mantissa) of linear
 reflectivity, so reading the file back through the display curve returns the same grey levels.
+A Volume's layer lines become one layer record per boundary and B-scan, under HEYEX's layer id
+(boundaries without one, ``RPE``, are not written); without layers each B-scan gets the one empty
+ILM record that readers expect.
 
 The format keeps no lateral or between-B-scan spacing: readers derive both from the B-scan positions,
 which are stored in degrees. When a Volume has no positions we lay out a raster that matches its
@@ -45,6 +48,7 @@ from hrf_batch.io.readers.heyex_e2e import (
     T_PREAMBLE,
     T_SCAN_PATTERN,
 )
+from hrf_batch.io.readers.heyex_vol import HEYEX_LAYER_IDS
 from hrf_batch.io.volume import BScanPosition, Volume, linear_from_display
 
 ENTRIES_PER_CHUNK = 512  # what HEYEX itself puts in one directory chunk
@@ -64,6 +68,7 @@ _PATTERN_TEXT = {
 }
 _EYE_CODES = {"OD": b"R", "OS": b"L", "unknown": b"\0"}
 _NO_LAYER = np.float32(np.finfo(np.float32).max)  # HEYEX's "no boundary here"
+_LAYER_IDS = {name: index for index, name in HEYEX_LAYER_IDS.items()}
 _PLACEHOLDER_LOCALIZER = (64, 64, 128)  # height, width, grey level
 
 
@@ -191,13 +196,24 @@ def _bscan_meta(volume: Volume, index: int, position: BScanPosition) -> bytes:
     return head.ljust(_BSCANMETA_SIZE, b"\0")
 
 
-def _layer(width: int) -> bytes:
-    """An empty ILM boundary: readers expect one layer record per B-scan."""
-    return struct.pack("<5I", 0, 0, 0, width, 0) + np.full(width, _NO_LAYER, "<f4").tobytes()
+def _layer_record(layer_id: int, rows: np.ndarray) -> bytes:
+    """One layer record: ids, width, a zero "edited by hand" flag, then the rows (float32 max where unknown)."""
+    values = np.where(np.isfinite(rows), rows, _NO_LAYER).astype("<f4")
+    return struct.pack("<5I", 0, layer_id, 0, len(values), 0) + values.tobytes()
+
+
+def _layers(volume: Volume, index: int) -> list[bytes]:
+    """The layer records of B-scan ``index``: one per boundary HEYEX has an id for, or, for a volume
+    without layers, one empty ILM record (readers expect at least one per B-scan)."""
+    layers = volume.layers
+    names = [name for name in layers.names if name in _LAYER_IDS] if layers is not None else []
+    if not names:
+        return [_layer_record(_LAYER_IDS["ILM"], np.full(volume.bscan_shape[1], np.nan, np.float32))]
+    return [_layer_record(_LAYER_IDS[name], np.asarray(layers.rows[name][index], np.float32)) for name in names]
 
 
 def _series_entries(volume: Volume, ids: tuple[int, int, int]) -> list[_Entry]:
-    """Series-level records, then per B-scan: metadata, one layer, the pixels."""
+    """Series-level records, then per B-scan: metadata, its layers, the pixels."""
     m, (height, width) = volume.meta, volume.bscan_shape
     series = (*ids, _NO_ID)
     eye = _EYE_CODES[m.eye]
@@ -218,7 +234,7 @@ def _series_entries(volume: Volume, ids: tuple[int, int, int]) -> list[_Entry]:
         slice_ids = (*ids, 2 if volume.n_bscans == 1 else 2 * i)  # HEYEX numbers a lone B-scan 2
         entries += [
             _Entry(slice_ids, T_BSCANMETA, _bscan_meta(volume, i, positions[i])),
-            _Entry(slice_ids, T_LAYER, _layer(width)),
+            *(_Entry(slice_ids, T_LAYER, record) for record in _layers(volume, i)),
             _Entry(slice_ids, T_IMAGE, _image(BSCAN_IMAGE, codes[i].tobytes(), height, width), ind=1),
         ]
     return entries
