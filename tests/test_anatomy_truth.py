@@ -39,7 +39,9 @@ def _truth_b(seed: int, n: int = 13, height: int = 256, width: int = 256) -> tup
     return vol, generator_b.FIELD_MM / width, generator_b.SLOW_FIELD_MM / (n - 1)
 
 
-def _distance_mm(vol: SyntheticVolume | generator_b.VolumeTruth, thickness: np.ndarray, lateral: float, between: float) -> float:
+def _distance_mm(
+    vol: SyntheticVolume | generator_b.VolumeTruth, thickness: np.ndarray, lateral: float, between: float
+) -> float:
     """How far (mm, en face) the thinnest point of ``thickness`` (n, W) lies from the true fovea."""
     b, c = np.unravel_index(np.argmin(thickness), thickness.shape)
     return float(np.hypot((b - vol.fovea_bscan) * between, (c - vol.fovea_col) * lateral))
