@@ -10,17 +10,22 @@ in the PDF. Every function takes stored records and numpy arrays only; none read
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import date, timedelta
 
 import numpy as np
-from matplotlib import patheffects, rc_context
+from matplotlib import colormaps, patheffects, rc_context
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
+from matplotlib.patches import Wedge
+from matplotlib.text import Text
 from scipy import ndimage
 
+from hrf_batch.results import ETDRS_RADII_MM, SUBFIELDS
 from hrf_batch.store import StoredBScan, StoredLesion, StoredVolume, VisitBurden
 
 CM = 1 / 2.54
@@ -28,6 +33,11 @@ EYE_COLOURS = {"OD": "#1f5fa8", "OS": "#d1601a", "unknown": "#555555"}
 HRF_COLOUR = "#e8112d"
 OUTLINE_COLOUR = "#ffd400"
 LINE_COLOUR = "#00a0e8"
+# layer lines in the gallery: retina borders (ILM, BM) in one colour, the lines between in another
+LAYER_LINE_COLOURS = {"ILM": "#00e5ff", "BM": "#00e5ff", "RPE": "#7cff6b", "EZ": "#7cff6b", "ELM": "#7cff6b"}
+LAYER_LINE_OTHER = "#ff9df0"
+LAYER_LINE_ALPHA = 0.45
+ETDRS_CMAP = "OrRd"
 _HALO = [patheffects.withStroke(linewidth=1.2, foreground="black")]
 _STYLE = {
     "font.size": 7.5, "axes.titlesize": 8, "axes.labelsize": 7.5, "xtick.labelsize": 6.5, "ytick.labelsize": 6.5,
@@ -208,10 +218,16 @@ def gallery_rows(mask: np.ndarray, peaks: Sequence[tuple[int, int]], shape: tupl
     return top, top + want
 
 
-def gallery_figure(image: np.ndarray | None, bscan: StoredBScan, shape: tuple[int, int], width_cm: float = 18.0) -> bytes:
+def gallery_figure(
+    image: np.ndarray | None, bscan: StoredBScan, shape: tuple[int, int], width_cm: float = 18.0,
+    layers: Mapping[str, np.ndarray] | None = None,
+) -> bytes:
     """The B-scan band with HRF outlines, and its relevance map with the same outlines, side by side.
 
     Without the image (source changed or missing) the left panel says so and still shows the outlines.
+    ``layers`` (name → row per column of this B-scan, NaN where unknown) are drawn thin and
+    half-transparent on the left panel, so a reader sees which layer an HRF lies in without the
+    lines hiding it.
     """
     width = shape[1]
     mask = bscan.mask if bscan.mask is not None else np.zeros(shape, dtype=bool)
@@ -227,6 +243,7 @@ def gallery_figure(image: np.ndarray | None, bscan: StoredBScan, shape: tuple[in
             ax_img.imshow(np.full(shape, 0.92), cmap="gray", vmin=0, vmax=1)
             ax_img.text(width / 2, (top + bottom) / 2, "source file changed or missing", ha="center", va="center", color="#7a0000")
             ax_img.set_title(f"HRF outlines, no image ({band})", loc="left")
+        _layer_lines(ax_img, layers or {})
         _outline(ax_img, mask, OUTLINE_COLOUR if image is not None else HRF_COLOUR)
         _relevance_panel(ax_rel, bscan, shape, mask)
         for ax in (ax_img, ax_rel):
@@ -265,3 +282,97 @@ def _relevance_panel(ax: Axes, bscan: StoredBScan, shape: tuple[int, int], mask:
         rows, cols = zip(*bscan.relevance_peaks, strict=True)
         ax.scatter(cols, rows, marker="x", s=14, c="#00a000", linewidths=0.8)
     ax.set_title("Relevance (red: evidence for HRF; ×: prompts)", loc="left")
+
+
+def _layer_lines(ax: Axes, layers: Mapping[str, np.ndarray]) -> None:
+    """Each layer line as a thin, half-transparent curve; NaN (unknown) columns leave gaps."""
+    for name, rows in layers.items():
+        rows = np.asarray(rows, dtype=np.float64)
+        if rows.ndim != 1 or not np.isfinite(rows).any():
+            continue
+        ax.plot(np.arange(rows.size), rows, color=LAYER_LINE_COLOURS.get(name, LAYER_LINE_OTHER),
+                linewidth=0.45, alpha=LAYER_LINE_ALPHA, solid_capstyle="butt")
+
+
+@dataclass(frozen=True)
+class EtdrsLayout:
+    """Where the ETDRS grid is drawn, in mm from the foveal centre as seen on the fundus image
+    (x to the right, y up = superior), so that the grid reads like the device's thickness map."""
+
+    eye: str
+    nasal_right: bool  # OD: nasal on the right of the fundus image; OS: on the left
+    wedges: dict[str, tuple[float, float, float, float]]  # subfield -> (inner r, outer r, from °, to °)
+    cells: dict[str, tuple[float, float]]  # subfield -> centre of its text
+    sides: dict[str, tuple[float, float]]  # "S", "I", "N", "T" -> position of the side label
+
+
+def etdrs_layout(eye: str) -> EtdrsLayout:
+    """The grid for one eye: superior at the top, nasal right for OD and left for OS (an eye not
+    known is drawn like OD; the figure says so). Quadrants are split by the diagonals."""
+    nasal_right = eye != "OS"
+    angle = {"S": 90.0, "I": 270.0, "N": 0.0 if nasal_right else 180.0}
+    angle["T"] = (angle["N"] + 180.0) % 360.0
+    r0, r1, r2 = ETDRS_RADII_MM
+    wedges: dict[str, tuple[float, float, float, float]] = {"C0": (0.0, r0, 0.0, 360.0)}
+    cells: dict[str, tuple[float, float]] = {"C0": (0.0, 0.0)}
+    for ring, (inner, outer) in ((1, (r0, r1)), (2, (r1, r2))):
+        for side, theta in angle.items():
+            name = f"{side}{ring}"
+            wedges[name] = (inner, outer, theta - 45.0, theta + 45.0)
+            mid = (inner + outer) / 2
+            cells[name] = (mid * float(np.cos(np.radians(theta))), mid * float(np.sin(np.radians(theta))))
+    label_r = r2 + 0.42
+    sides = {
+        side: (label_r * float(np.cos(np.radians(t))), label_r * float(np.sin(np.radians(t))))
+        for side, t in angle.items()
+    }
+    return EtdrsLayout(eye, nasal_right, {k: wedges[k] for k in SUBFIELDS}, {k: cells[k] for k in SUBFIELDS}, sides)
+
+
+def draw_etdrs_grid(
+    ax: Axes, counts: Mapping[str, int], thickness_um: Mapping[str, float], eye: str, vmax: int,
+    cmap: str | Colormap = ETDRS_CMAP,
+) -> dict[str, Text]:
+    """Draw the grid with the HRF count per subfield (shaded by count up to ``vmax``) and the mean
+    thickness (µm, number only, as on the device's map) in small type where known; returns the text
+    artists by subfield and side letter."""
+    layout = etdrs_layout(eye)
+    colours = cmap if isinstance(cmap, Colormap) else colormaps[cmap]
+    scale = max(vmax, 1)
+    texts: dict[str, Text] = {}
+    for name in SUBFIELDS:
+        inner, outer, theta1, theta2 = layout.wedges[name]
+        count = int(counts.get(name, 0))
+        level = min(count / scale, 1.0)
+        face = colours(0.08 + 0.8 * level) if count > 0 else "white"
+        ax.add_patch(Wedge((0.0, 0.0), outer, theta1, theta2, width=outer - inner, facecolor=face,
+                           edgecolor="#333333", linewidth=0.6))
+        x, y = layout.cells[name]
+        ink = "white" if level > 0.6 else "#111111"
+        thick = thickness_um.get(name)
+        known = thick is not None and np.isfinite(thick)
+        texts[name] = ax.text(x, y + (0.14 if known else 0.0), str(count), ha="center", va="center", fontsize=8,
+                              fontweight="bold", color=ink)
+        if known:
+            ax.text(x, y - 0.25, f"{thick:.0f}", ha="center", va="center", fontsize=5, color=ink)
+    for side, (x, y) in layout.sides.items():
+        letter = side if eye in ("OD", "OS") or side in ("S", "I") else f"{side}?"
+        texts[side] = ax.text(x, y, letter, ha="center", va="center", fontsize=8, fontweight="bold", color="#12355b")
+    lim = ETDRS_RADII_MM[-1] + 0.75
+    ax.set_xlim(-lim, lim)
+    ax.set_ylim(-lim, lim)
+    ax.set_aspect("equal")
+    _bare(ax)
+    return texts
+
+
+def etdrs_figure(
+    counts: Mapping[str, int], thickness_um: Mapping[str, float], eye: str, vmax: int, size_cm: float = 6.2,
+) -> bytes:
+    """The ETDRS grid (1, 3 and 6 mm circles) with HRF counts per subfield, drawn for ``eye``."""
+    with _figure(size_cm, size_cm) as fig:
+        ax = fig.subplots()
+        draw_etdrs_grid(ax, counts, thickness_um, eye, vmax)
+        side = eye if eye in ("OD", "OS") else "eye unknown: drawn as OD"
+        ax.set_title(f"HRF per ETDRS subfield ({side})", loc="left")
+        return _png(fig, dpi=200)
