@@ -17,19 +17,29 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from hrf_batch import __version__
+from hrf_batch.io.volume import LAYER_NAMES
 from hrf_batch.report import figures
 from hrf_batch.report.errors import ReportError, UnknownPatientError
 from hrf_batch.report.sources import SourcePixels, SourceReader
+from hrf_batch.results import SUBFIELD_OUTSIDE, SUBFIELD_UNKNOWN, SUBFIELDS, ZONE_UNKNOWN, ZONES
 from hrf_batch.store import PatientRecord, PatientSummary, Store, StoredBScan, StoredVolume, VisitBurden
+from hrf_batch.store.records import EtdrsBurden, LayerBurden, StoredAnatomy
 
 log = logging.getLogger(__name__)
 
 TEMPLATE = "patient_report.html"
 NOTICE = "Research use only — not for clinical decisions"
 GALLERY_SIZE = 6
+LAYER_SOURCE_TEXT = {"device": "device", "estimated": "estimated", "ground-truth": "ground truth"}
+ZONE_TEXT = {
+    "above-ilm": "above ILM", "inner-retina": "inner retina (ILM – INL/OPL)",
+    "outer-retina": "outer retina (INL/OPL – ELM)", "elm-bm": "ELM – BM", "below-bm": "below BM",
+    ZONE_UNKNOWN: "unknown (no layer lines there)",
+}
 
 
 @dataclass(frozen=True)
@@ -63,21 +73,34 @@ def render_patient_report(
     Raises UnknownPatientError for an id that is not in the database, ReportError when the PDF
     cannot be written.
     """
+    html = patient_report_html(
+        store, patient_id, show_identifiers=show_identifiers, gallery_size=gallery_size, report_date=report_date
+    )
+    return write_pdf(html, Path(out_dir) / f"{report_stem(patient_id)}_hrf_report.pdf")
+
+
+def patient_report_html(
+    store: Store, patient_id: str, *, show_identifiers: bool = False, gallery_size: int = GALLERY_SIZE,
+    report_date: date | None = None,
+) -> str:
+    """The report as HTML: what the PDF shows, so its numbers can be checked without laying out pages."""
     patient = find_patient(store, patient_id, include_identifiers=show_identifiers)
     summary = store.patient_summary(patient_id)
     volumes = store.volume_results(patient_id, masks=False)
     picks = gallery_picks(volumes, gallery_size)
-    sections, gallery = _volume_sections(store, summary, volumes, picks, show_identifiers)
+    lines = gallery_layers(store, patient_id, volumes, picks)
+    sections, gallery = _volume_sections(store, summary, volumes, picks, lines, show_identifiers)
     context = {
         "patient": patient, "show_identifiers": show_identifiers, "notice": NOTICE,
         "report_date": (report_date or date.today()).isoformat(), "version": __version__,
         "overview": _overview(summary, volumes), "visits": [_visit_row(v) for v in summary.visits],
         "trend_png": _data_uri(figures.trend_figure(summary.visits)) if summary.visits else None,
         "sections": sections, "gallery": gallery, "gallery_size": gallery_size,
+        "anatomy": anatomy_blocks(summary, volumes),
         "unfinished": [_unfinished_row(v, show_identifiers) for v in store.unfinished_volumes(patient_id)],
     }
     context["settings"], context["provenance"] = provenance(volumes, show_identifiers)
-    return write_pdf(render_html(context), Path(out_dir) / f"{report_stem(patient_id)}_hrf_report.pdf")
+    return render_html(context)
 
 
 def render_html(context: dict[str, Any]) -> str:
@@ -188,7 +211,7 @@ def _volume_label(v: StoredVolume) -> str:
 
 def _volume_sections(
     store: Store, summary: PatientSummary, volumes: list[StoredVolume], picks: list[GalleryPick],
-    show_identifiers: bool,
+    lines: dict[tuple[int, int], dict[str, np.ndarray]], show_identifiers: bool,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Per volume: its numbers (from the view), en-face map and per-B-scan bars; plus its gallery entries."""
     burden = {row.volume_id: row for row in summary.volumes}
@@ -211,7 +234,7 @@ def _volume_sections(
         })
         mine = [p for p in picks if p.volume_id == volume.volume_id]
         if mine:
-            gallery.extend(_gallery_entries(store, volume, mine, pixels))
+            gallery.extend(_gallery_entries(store, volume, mine, pixels, lines))
         del pixels  # the B-scans of one volume at a time
     gallery.sort(key=lambda entry: entry["rank"])
     return sections, gallery
@@ -233,7 +256,8 @@ def _enface(volume: StoredVolume, pixels: SourcePixels, area_ref: float) -> tupl
 
 
 def _gallery_entries(
-    store: Store, volume: StoredVolume, picks: list[GalleryPick], pixels: SourcePixels
+    store: Store, volume: StoredVolume, picks: list[GalleryPick], pixels: SourcePixels,
+    lines: dict[tuple[int, int], dict[str, np.ndarray]],
 ) -> list[dict[str, Any]]:
     """Gallery figures for the chosen B-scans of one volume (masks read for this run only)."""
     by_index: dict[int, StoredBScan] = {b.index: b for b in store.bscans_for_run(volume.run.run_id, masks=True)}
@@ -241,13 +265,154 @@ def _gallery_entries(
     for pick in picks:
         bscan = by_index[pick.bscan_index]
         image = pixels.bscans[pick.bscan_index] if pixels.bscans is not None else None
+        rows = lines.get((pick.volume_id, pick.bscan_index), {})
         entries.append({
             "rank": pick.rank, "label": _volume_label(volume), "index": bscan.index, "hrf": bscan.hrf_count,
             "area": fmt_area(bscan.hrf_area_mm2), "score": "–" if bscan.score is None else f"{bscan.score:.2f}",
             "iterations": len(bscan.relevance_peaks), "problem": pixels.problem,
-            "png": _data_uri(figures.gallery_figure(image, bscan, volume.bscan_shape)),
+            "layers": _layer_caption(volume.anatomy, rows),
+            "png": _data_uri(figures.gallery_figure(image, bscan, volume.bscan_shape, layers=rows)),
         })
     return entries
+
+
+def gallery_layers(
+    store: Store, patient_id: str, volumes: list[StoredVolume], picks: list[GalleryPick]
+) -> dict[tuple[int, int], dict[str, np.ndarray]]:
+    """Layer lines of each gallery B-scan, keyed by (volume id, B-scan index).
+
+    The report reads results without masks or layer lines; when a picked volume has lines stored,
+    the patient's results are read once with them and only the picked B-scans' rows are kept.
+    """
+    by_id = {v.volume_id: v for v in volumes}
+    decoded: dict[int, dict[str, np.ndarray]] = {}
+    missing = set()
+    for volume_id in {p.volume_id for p in picks}:
+        anatomy = by_id[volume_id].anatomy
+        if anatomy is not None and anatomy.layers:
+            decoded[volume_id] = anatomy.layers
+        elif anatomy is not None and anatomy.layers is None and anatomy.layer_names:
+            missing.add(volume_id)
+    if missing:
+        for full in store.volume_results(patient_id, masks=True):
+            if full.volume_id in missing and full.anatomy is not None and full.anatomy.layers:
+                decoded[full.volume_id] = full.anatomy.layers
+    return {
+        (p.volume_id, p.bscan_index): _bscan_lines(decoded[p.volume_id], p.bscan_index)
+        for p in picks if p.volume_id in decoded
+    }
+
+
+def _bscan_lines(layers: dict[str, np.ndarray], index: int) -> dict[str, np.ndarray]:
+    """Row per column of each layer line of B-scan ``index``, in the order of LAYER_NAMES."""
+    ordered = [n for n in LAYER_NAMES if n in layers] + [n for n in layers if n not in LAYER_NAMES]
+    return {name: layers[name][index] for name in ordered if layers[name].ndim == 2 and index < layers[name].shape[0]}
+
+
+def layer_source_text(source: str | None) -> str:
+    """How the caption names where the layer lines came from."""
+    return LAYER_SOURCE_TEXT.get(source or "", source or "none")
+
+
+def _layer_caption(anatomy: StoredAnatomy | None, lines: dict[str, np.ndarray]) -> str:
+    """E.g. 'layer lines (device): ILM, RNFL, BM', or why the B-scan shows none."""
+    if anatomy is None:
+        return "no layer lines stored with this run"
+    drawn = [name for name, rows in lines.items() if np.isfinite(rows).any()]
+    if not drawn:
+        return f"no layer lines on this B-scan ({layer_source_text(anatomy.layer_source)})"
+    return f"layer lines ({layer_source_text(anatomy.layer_source)}): {', '.join(drawn)}"
+
+
+VisitKey = tuple[date | None, str]
+
+
+def anatomy_blocks(summary: PatientSummary, volumes: list[StoredVolume]) -> list[dict[str, Any]]:
+    """Per visit and eye: HRF per ETDRS subfield (with the grid figure) and per layer zone.
+
+    Subfield and zone counts come from the `hrf_burden_etdrs` and `hrf_burden_layer` views, as the
+    visit table's come from theirs; the HRF outside the grid or without a subfield (which the ETDRS
+    view leaves out) are counted from the stored lesions. Empty for a patient whose runs were all
+    stored before anatomy existed, so such a report looks as it did.
+    """
+    if not summary.etdrs and not any(v.anatomy is not None for v in volumes):
+        return []
+    by_visit: dict[VisitKey, list[StoredVolume]] = {}
+    for v in volumes:
+        by_visit.setdefault((v.visit_date, v.eye), []).append(v)
+    etdrs: dict[VisitKey, list[EtdrsBurden]] = {}
+    for row in summary.etdrs:
+        etdrs.setdefault((row.visit_date, row.eye), []).append(row)
+    zones: dict[VisitKey, list[LayerBurden]] = {}
+    for zrow in summary.layers:
+        zones.setdefault((zrow.visit_date, zrow.eye), []).append(zrow)
+    vmax = max((r.hrf_count for r in summary.etdrs if r.subfield in SUBFIELDS), default=0)
+    blocks = []
+    for visit in summary.visits:
+        key = (visit.visit_date, visit.eye)
+        group = by_visit.get(key, [])
+        block: dict[str, Any] = {
+            "label": f"{fmt_date(visit.visit_date)} · {visit.eye}", "hrf": visit.hrf_count,
+            "stored": any(v.anatomy is not None for v in group) or key in etdrs,
+        }
+        block |= _etdrs_block(etdrs.get(key, []), group, visit.eye, vmax)
+        block |= _zone_block(zones.get(key, []), [v.anatomy for v in group if v.anatomy is not None])
+        blocks.append(block)
+    return blocks
+
+
+def _etdrs_block(rows: list[EtdrsBurden], group: list[StoredVolume], eye: str, vmax: int) -> dict[str, Any]:
+    """The grid figure and its counts, or the stored reason why the scan has no grid."""
+    counts = {r.subfield: r.hrf_count for r in rows if r.subfield in SUBFIELDS}
+    centred = [v for v in group if v.anatomy is not None and v.anatomy.fovea is not None]
+    places = [les.subfield for v in centred for b in v.bscans for les in b.lesions]
+    notes = sorted({v.anatomy.fovea_note for v in centred if v.anatomy is not None and v.anatomy.fovea_note})
+    block: dict[str, Any] = {
+        "grid_png": None, "subfield_counts": {name: counts.get(name, 0) for name in SUBFIELDS},
+        "outside": places.count(SUBFIELD_OUTSIDE), "no_subfield": places.count(SUBFIELD_UNKNOWN),
+        "fovea_note": "; ".join(notes), "no_grid": "", "thickness": {},
+    }
+    if not rows and not centred:
+        others = [v.anatomy for v in group if v.anatomy is not None]
+        block["no_grid"] = "; ".join(sorted({a.fovea_note for a in others if a.fovea_note})) or (
+            "no fovea stored with this run" if others else "no anatomy stored with this run"
+        )
+        return block
+    thickness = _subfield_thickness(rows, [v.anatomy for v in centred if v.anatomy is not None])
+    block["thickness"] = {name: f"{t:.0f}" for name, t in thickness.items()}
+    block["grid_png"] = _data_uri(figures.etdrs_figure(block["subfield_counts"], thickness, eye, vmax))
+    return block
+
+
+def _subfield_thickness(rows: list[EtdrsBurden], anatomies: list[StoredAnatomy]) -> dict[str, float]:
+    """Mean ILM–BM thickness per subfield: the view's where it has one, else the volumes' mean."""
+    out = {r.subfield: r.mean_thickness_um for r in rows if r.subfield in SUBFIELDS and r.mean_thickness_um is not None}
+    for name in SUBFIELDS:
+        values = [a.etdrs_thickness_um[name] for a in anatomies if name in a.etdrs_thickness_um]
+        if name not in out and values:
+            out[name] = float(np.mean(values))
+    return {name: float(t) for name, t in out.items() if np.isfinite(t)}
+
+
+def _zone_block(rows: list[LayerBurden], anatomies: list[StoredAnatomy]) -> dict[str, Any]:
+    """Count and area per layer zone, every zone listed (zeros too), with a bar scaled to the largest."""
+    by_zone = {r.zone: r for r in rows}
+    top = max((r.hrf_count for r in rows), default=0)
+    table = []
+    for zone in (*ZONES, ZONE_UNKNOWN):
+        row = by_zone.get(zone)
+        count = row.hrf_count if row else 0
+        table.append({
+            "zone": zone, "name": ZONE_TEXT[zone], "hrf": count, "area": fmt_area(row.hrf_area_mm2 if row else 0.0),
+            "bar": round(100.0 * count / top) if top else 0,
+        })
+    sources = sorted({layer_source_text(a.layer_source) for a in anatomies if a.layer_source})
+    thickness = [a.mean_thickness_um for a in anatomies if a.mean_thickness_um is not None]
+    return {
+        "zones": table,
+        "layer_source": ", ".join(sources) if sources else ("none" if anatomies else "not stored"),
+        "mean_thickness": f"{np.mean(thickness):.0f} µm" if thickness else "",
+    }
 
 
 def _unfinished_row(v: StoredVolume, show_identifiers: bool) -> dict[str, Any]:
