@@ -2,7 +2,9 @@
 
 Identifiers (name, birth date, source paths, which often carry names) appear only with
 ``show_identifiers=True``. Volumes are drawn one at a time and their pixels dropped afterwards,
-so a patient with many visits does not hold every B-scan in memory.
+so a patient with many visits does not hold every B-scan in memory. The layer lines of the gallery's
+B-scans are the exception: the store hands them out only with every mask of the patient, so those
+are read once (see :func:`gallery_layers`) when a gallery volume has lines stored.
 """
 
 from __future__ import annotations
