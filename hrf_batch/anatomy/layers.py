@@ -305,8 +305,10 @@ def _bscan_lines(img: np.ndarray, spacing: Spacing, given: dict[str, np.ndarray]
     outer = _trace(peak_norm, ilm, lo, hi, max(2, int(round(bin_um * 1.2 * px))), 0.4, invalid)
 
     # 3. lower edge of the RPE, BM
-    neg = -grad
-    edge = _trace(neg, outer, np.zeros(nb), np.full(nb, 60.0 * px), max(2, int(round(bin_um * 1.2 * px))), 0.5, invalid)
+    # the first strong drop below the complex, not a drop into a choroidal vessel further down
+    depth = np.arange(h, dtype=np.float32)[:, None] - outer[None, :]
+    neg = -grad * np.clip(1.0 - depth / (120.0 * px), 0.3, 1.0)
+    edge = _trace(neg, outer, np.zeros(nb), np.full(nb, 70.0 * px), max(2, int(round(bin_um * 1.2 * px))), 0.5, invalid)
     smooth_edge = _robust(edge, 5, 8.0 * px)
     win = max(3, int(round(_BASELINE_MM * 1000.0 / bin_um)))
     baseline = _closing(smooth_edge, win)
@@ -328,15 +330,30 @@ def _bscan_lines(img: np.ndarray, spacing: Spacing, given: dict[str, np.ndarray]
     g_inl = ndi.gaussian_filter(filled, (2.0, 2.0), mode="nearest")
     grad_inl = np.zeros_like(g_inl)
     grad_inl[1:-1] = 0.5 * (g_inl[2:] - g_inl[:-2])
-    # the OPL is a bright band 15..35 um thick: its upper edge is followed by the OPL/ONL drop
-    opl_lo, opl_hi = max(1, int(round(12.0 * px))), max(2, int(round(36.0 * px)))
-    drop = ndi.maximum_filter1d(-grad_inl, opl_hi - opl_lo + 1, axis=0, mode="nearest")
-    shift = (opl_lo + opl_hi) // 2
-    after = np.full_like(drop, 0.0)
-    after[:-shift] = drop[shift:]
-    feature_inl = grad_inl + 0.7 * np.maximum(after, 0.0)
-    lo_inl = np.minimum(ilm - elm + 3.0, -20.0 * px)
-    inl = _trace(feature_inl, elm, lo_inl, np.full(nb, -15.0 * px), max(2, int(round(bin_um * 0.8 * px))), 0.3, invalid)
+    # the ONL is the thick dark band over the ELM: its top (the OPL/ONL boundary) is the strongest
+    # bright-over-dark step at a 20 um / 40 um scale, and the INL/OPL boundary the dark-to-bright
+    # edge of the OPL just above it
+    rows_h = np.arange(h)
+    a_len, b_len = max(2, int(round(20.0 * px))), max(3, int(round(40.0 * px)))
+    step = _box_mean(g_inl, rows_h - a_len, a_len) - _box_mean(g_inl, rows_h + 1, b_len)
+    # ... and everything from it down to the ELM is as dark as the ONL just above the ELM, which
+    # tells it from the RNFL/GCL and IPL/INL steps that have brighter layers below them
+    cols = np.arange(nb)
+    csum = np.vstack([np.zeros((1, nb)), np.cumsum(g_inl, axis=0, dtype=np.float64)])
+    elm_r = np.clip(np.round(elm).astype(np.int64), 2, h)
+    onl_len = max(2, int(round(14.0 * px)))
+    onl_start = np.clip(elm_r - int(round(6.0 * px)) - onl_len, 0, h)
+    onl_level = (csum[onl_start + onl_len, cols] - csum[onl_start, cols]) / onl_len
+    start = np.clip(rows_h[:, None] + 1, 0, elm_r[None, :] - 1)
+    to_elm = (csum[elm_r, cols][None, :] - csum[start, cols]) / np.maximum(elm_r[None, :] - start, 1)
+    retina = np.percentile(g_inl[:, valid], 90)
+    span_onl = np.maximum(retina - onl_level, 10.0)[None, :]
+    step *= np.clip(1.0 - (to_elm - onl_level[None, :]) / (0.5 * span_onl), 0.0, 1.0)
+    lo_onl = np.minimum(ilm - elm + 3.0, -20.0 * px)
+    jump = max(2, int(round(bin_um * 0.8 * px)))
+    onl = _trace(step, elm, lo_onl, np.full(nb, -12.0 * px), jump, 0.3, invalid)
+    lo_inl = np.minimum(ilm - onl + 1.0, -3.0 * px)
+    inl = _trace(grad_inl, onl, np.maximum(lo_inl, -45.0 * px), np.full(nb, -3.0 * px), jump, 0.3, invalid)
 
     lines = {"ILM": ilm, "INL": inl, "ELM": elm, "EZ": ez, "RPE": rpe, "BM": bm}
     prev = None
