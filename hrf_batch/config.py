@@ -35,6 +35,7 @@ class Settings:
     score_drop_guard: bool = False  # stop a B-scan when inpainting what was found does not lower its score (measured: off)
     lesion_filter: bool = True  # keep only lesions of HRF size, shape and contrast
     peaks_per_iteration: int = 1  # > 1: several separated relevance peaks per iteration
+    retina_band: bool = True  # prompt and keep lesions only between ILM and Bruch's membrane
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Settings)}

@@ -18,6 +18,12 @@ off, as measured in the shipped model's card; all off gives the paper's loop):
 - ``peaks_per_iteration`` > 1: several separated relevance peaks (non-maximum suppression,
   ``nms_radius_px``, ``min_peak_fraction``) are prompted per iteration, for B-scans with more
   foci than iterations.
+- ``retina_band`` (on by default): HRF exist only in the neurosensory retina, so relevance peaks are
+  prompted only between the ILM and Bruch's membrane and lesions centred outside that band (vitreous
+  floaters, choroid) are dropped. A column whose lines are unknown is not restricted.
+
+Before scoring, the anatomy stage (:func:`hrf_batch.anatomy.analyse.analyse`) gives the layer
+lines, the fovea and the thickness map; every lesion kept gets its layer zone and ETDRS subfield.
 """
 
 from __future__ import annotations
@@ -31,10 +37,13 @@ import numpy as np
 from scipy import ndimage
 
 from hrf_batch import __version__
+from hrf_batch.anatomy.analyse import analyse
+from hrf_batch.anatomy.etdrs import lesion_subfield
+from hrf_batch.anatomy.zones import retina_band, zone_of
 from hrf_batch.io.volume import Volume
 from hrf_batch.model.classify import Classifier, presence
 from hrf_batch.model.explain import Explainer
-from hrf_batch.results import BScanResult, Lesion, RunInfo, Segment, VolumeResult
+from hrf_batch.results import BScanResult, Lesion, RunInfo, Segment, VolumeAnatomy, VolumeResult
 from hrf_batch.segment import Segmenter
 from hrf_batch.segment.lesion_filter import LesionFilter, check
 from hrf_batch.segment.lesions import lesion_labels
@@ -57,6 +66,7 @@ class PipelineParams:
     peaks_per_iteration: int = 1
     nms_radius_px: int = 10
     min_peak_fraction: float = 0.25
+    retina_band: bool = True
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PipelineParams:
@@ -66,7 +76,7 @@ class PipelineParams:
                    crop_px=settings.crop_px, min_lesion_px=settings.min_lesion_px,
                    score_drop_guard=settings.score_drop_guard,
                    lesion_filter=LesionFilter() if settings.lesion_filter else None,
-                   peaks_per_iteration=settings.peaks_per_iteration)
+                   peaks_per_iteration=settings.peaks_per_iteration, retina_band=settings.retina_band)
 
     def resolved(self, clf: Classifier) -> dict[str, Any]:
         """Pipeline parameters as stored with the results, the threshold made explicit."""
@@ -204,12 +214,23 @@ def _segment_once(states: dict[int, _State], active: list[int], relevance: np.nd
     return sorted(set(owners))
 
 
-def _kept_lesions(st: _State, index: int, p: PipelineParams, spacing_mm: tuple[float, float]) -> tuple[Lesion, ...]:
-    """The lesions of a B-scan's mask that pass the lesion filter (all of them when it is off)."""
-    lesions = lesions_of(st.mask, index, p.min_lesion_px)
-    if p.lesion_filter is None:
-        return lesions
-    return tuple(les for les in lesions if check(st.image, les.bbox_rc, les.mask, spacing_mm, p.lesion_filter) is None)
+def _kept_lesions(st: _State, index: int, p: PipelineParams, volume: Volume, anatomy: VolumeAnatomy,
+                  band: np.ndarray | None) -> tuple[Lesion, ...]:
+    """The lesions of a B-scan's mask that pass the lesion filter (all of them when it is off) and
+    lie in the retina band (when it is on), each placed in its layer zone and ETDRS subfield."""
+    spacing_mm = (volume.meta.spacing.lateral_mm, volume.meta.spacing.axial_mm)
+    width = volume.bscan_shape[1]
+    kept = []
+    for les in lesions_of(st.mask, index, p.min_lesion_px):
+        row, col = les.centroid_rc
+        if band is not None and not band[int(round(row)), int(round(col))]:
+            continue
+        if p.lesion_filter is not None and check(st.image, les.bbox_rc, les.mask, spacing_mm, p.lesion_filter) is not None:
+            continue
+        kept.append(dataclasses.replace(
+            les, zone=zone_of(anatomy.layers, index, row, col),
+            subfield=lesion_subfield(volume.meta, anatomy.fovea, index, col, width)))
+    return tuple(kept)
 
 
 def run_volume(volume: Volume, clf: Classifier, segmenter: Segmenter, params: PipelineParams = PipelineParams(),
@@ -221,31 +242,35 @@ def run_volume(volume: Volume, clf: Classifier, segmenter: Segmenter, params: Pi
     builds it once, as its rerun key); the result carries it with the time per stage added."""
     on_step = on_step or (lambda: None)
     run = run or run_info(clf, segmenter, params)
-    seconds = {"score": 0.0, "explain": 0.0, "segment": 0.0}
+    seconds = {"anatomy": 0.0, "score": 0.0, "explain": 0.0, "segment": 0.0}
     threshold = float(run.parameters["threshold"])
+    t0 = time.perf_counter()
+    anatomy = analyse(volume)
+    seconds["anatomy"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     first, first_log_odds = presence(clf, volume.bscans)
     seconds["score"] += time.perf_counter() - t0
     on_step()
     states: dict[int, _State] = {}
+    bands: dict[int, np.ndarray | None] = {}
     for b in np.flatnonzero(first >= threshold).tolist():
         img = volume.bscans[b]
+        bands[b] = retina_band(anatomy.layers, b, img.shape) if params.retina_band else None
         states[b] = _State(image=img, work=img.copy(), fill=float(img.mean()), scores=[float(first[b])],
                            log_odds=float(first_log_odds[b]), mask=np.zeros(img.shape, bool),
-                           tried=np.zeros(img.shape, bool))
+                           tried=np.zeros(img.shape, bool) if bands[b] is None else ~bands[b])
     _iterate(states, clf, segmenter, params, seconds, on_step)
-    spacing = (volume.meta.spacing.lateral_mm, volume.meta.spacing.axial_mm)
     bscans = []
     for b in range(volume.n_bscans):
         st = states.get(b)
         if st is None:
             bscans.append(BScanResult(b, (float(first[b]),), (), np.zeros(volume.bscan_shape, bool), ()))
             continue
-        lesions = _kept_lesions(st, b, params, spacing)
+        lesions = _kept_lesions(st, b, params, volume, anatomy, bands[b])
         kept = np.zeros(volume.bscan_shape, bool)
         for les in lesions:
             r0, c0, r1, c1 = les.bbox_rc
             kept[r0:r1, c0:c1] |= les.mask
         bscans.append(BScanResult(b, tuple(st.scores), tuple(st.peaks), kept, lesions, st.relevance, tuple(st.segments)))
     return VolumeResult(meta=volume.meta, bscan_shape=volume.bscan_shape, bscans=tuple(bscans),
-                        run=dataclasses.replace(run, seconds=seconds))
+                        run=dataclasses.replace(run, seconds=seconds), anatomy=anatomy)

@@ -111,7 +111,7 @@ def test_evaluate_segmentation_and_calibrate_commands(tmp_path: Path) -> None:
     clf = load_classifier(str(tmp_path / "m"), "cpu")
     direct = evaluate_segmentation(study, clf, make_segmenter("region"), PipelineParams(max_iterations=2))
     assert report["pointing_game"] == json.loads(json.dumps(direct.pop("pointing_game")))
-    assert set(seg.pop("pipeline_seconds")) == set(direct.pop("pipeline_seconds")) == {"score", "explain", "segment"}
+    assert set(seg.pop("pipeline_seconds")) == set(direct.pop("pipeline_seconds")) == {"anatomy", "score", "explain", "segment"}
     assert seg == json.loads(json.dumps(direct, default=str))  # every number but the wall-clock times
     assert report["classification"] == json.loads(json.dumps(evaluate_classifier(clf, load_study_labels(study))))
     assert direct["after_2"]["n_gt_hrfs"] > 0  # the study has HRFs to score against

@@ -47,7 +47,7 @@ def test_run_volume_invariants(clf, volume: Volume) -> None:
     params = PipelineParams(threshold=0.0, max_iterations=3, crop_px=50)
     res = run_volume(volume, clf, make_segmenter("region"), params)
     assert res.run.model_id == clf.model_id and res.run.segmenter == "region-growing"
-    assert res.run.parameters["threshold"] == 0.0 and set(res.run.seconds) == {"score", "explain", "segment"}
+    assert res.run.parameters["threshold"] == 0.0 and set(res.run.seconds) == {"anatomy", "score", "explain", "segment"}
     assert [b.index for b in res.bscans] == list(range(volume.n_bscans))
     for b in res.bscans:
         assert 1 <= len(b.scores) <= params.max_iterations + 1
