@@ -55,6 +55,12 @@ def _settings(ctx: click.Context, **flags: Any) -> Settings:
     return load_settings(flags, ctx.obj.get("config_file") if ctx.obj else None)
 
 
+def _layer_text(layers: dict[str, Any] | None) -> str:
+    if layers is None:
+        return "none in the file (estimated from the pixels when ingested)"
+    return f"{', '.join(layers['names'])} ({layers['source']})"
+
+
 def _format_info(summary: dict[str, Any]) -> str:
     sp = summary["spacing"]
     lines = [
@@ -69,6 +75,7 @@ def _format_info(summary: dict[str, Any]) -> str:
         f"between B-scans {sp['between_bscans_mm']:.5f} mm",
         f"intensity   {summary['intensity_min']:.1f} .. {summary['intensity_max']:.1f} (display scale 0..255)",
         f"localizer   {summary['localizer_shape'] or 'none'}",
+        f"layers      {_layer_text(summary['layer_lines'])}",
         f"sha256      {summary['source_sha256']}",
     ]
     if "birth_date" in summary:
@@ -90,6 +97,8 @@ def _format_info(summary: dict[str, Any]) -> str:
 
 def _guard_options(func: Callable[..., Any]) -> Callable[..., Any]:
     """The loop's guards as flags (default: the settings', i.e. all on, one peak per iteration)."""
+    func = click.option("--retina-band/--no-retina-band", default=None,
+                        help="Prompt and keep lesions only between the ILM and Bruch's membrane (default on).")(func)
     func = click.option("--peaks-per-iteration", type=click.IntRange(1, 20),
                         help="Separated relevance peaks prompted per iteration (default 1, the paper's loop).")(func)
     func = click.option("--lesion-filter/--no-lesion-filter", default=None,
@@ -241,6 +250,7 @@ def train(ctx: click.Context, study_dirs: tuple[Path, ...], out_dir: Path, label
 @click.option("--labels", type=click.Path(path_type=Path, dir_okay=False), help="CSV labels instead of the study's ground truth (classification only).")
 @click.option("--device", help="cpu, cuda or auto.")
 @click.option("--segmentation", is_flag=True, help="Also run the pipeline and score its masks against the ground-truth masks.")
+@click.option("--anatomy", is_flag=True, help="Also score layer lines, fovea, ETDRS counts and the retina band against the study's anatomy truth.")
 @click.option("--val-study", type=click.Path(path_type=Path, file_okay=False), help="Study to calibrate the global-threshold baseline on (default: half of the patients).")
 @click.option("--segmenter", type=click.Choice(["auto", "sam2", "region"]), help="Segmenter for --segmentation.")
 @click.option("--sam2-checkpoint", help="SAM 2.1 checkpoint file (.pt).")
@@ -251,9 +261,9 @@ def train(ctx: click.Context, study_dirs: tuple[Path, ...], out_dir: Path, label
 @click.pass_context
 @_friendly
 def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Path | None, device: str | None,
-             segmentation: bool, val_study: Path | None, segmenter: str | None, sam2_checkpoint: str | None,
+             segmentation: bool, anatomy: bool, val_study: Path | None, segmenter: str | None, sam2_checkpoint: str | None,
              max_iterations: int | None, limit_volumes: int | None, as_json: bool, score_drop_guard: bool | None,
-             lesion_filter: bool | None, peaks_per_iteration: int | None) -> None:
+             lesion_filter: bool | None, peaks_per_iteration: int | None, retina_band: bool | None) -> None:
     """Score a labelled study with a model: AUROC, AP and F1 for HRF presence; with --segmentation
     also Dice, pixel recall/precision and lesion F1 after 1 and N iterations, the global- and
     oracle-threshold baselines, and the pointing game."""
@@ -262,14 +272,17 @@ def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Pat
 
     settings = _settings(ctx, model=model, device=device, segmenter=segmenter, sam2_checkpoint=sam2_checkpoint,
                          max_iterations=max_iterations, score_drop_guard=score_drop_guard,
-                         lesion_filter=lesion_filter, peaks_per_iteration=peaks_per_iteration)
+                         lesion_filter=lesion_filter, peaks_per_iteration=peaks_per_iteration,
+                         retina_band=retina_band)
     clf = load_classifier(settings.model, settings.device, settings.batch_size)
     metrics = evaluate_classifier(clf, _labelled(study_dir, labels))
     report: dict[str, Any] = {"classification": metrics}
     if segmentation:
         report.update(_segmentation_report(settings, clf, study_dir, val_study, limit_volumes))
+    if anatomy:
+        report["anatomy"] = _anatomy_report(settings, clf, study_dir, limit_volumes)
     if as_json:
-        click.echo(json.dumps(report if segmentation else metrics, indent=2, default=str))
+        click.echo(json.dumps(report if segmentation or anatomy else metrics, indent=2, default=str))
         return
     click.echo(format_metrics(metrics))
     if segmentation:
@@ -279,6 +292,10 @@ def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Pat
         click.echo("\n" + format_segmentation(report["segmentation"]))
         click.echo(f"pointing game: relevance peak within {pg['tolerance_px']:.0f} px of an HRF in {pg['hits']} of "
                    f"{pg['n_bscans']} HRF-positive B-scans ({pg['fraction']:.2f}; chance {pg['chance']:.3f})")
+    if anatomy:
+        from hrf_batch.evaluation.anatomy import format_anatomy
+
+        click.echo("\n" + format_anatomy(report["anatomy"]))
 
 
 def _segmentation_report(settings: Settings, clf: Any, study_dir: Path, val_study: Path | None,
@@ -292,6 +309,17 @@ def _segmentation_report(settings: Settings, clf: Any, study_dir: Path, val_stud
     metrics = evaluate_segmentation(study_dir, clf, seg, PipelineParams.from_settings(settings), val_study=val_study,
                                     limit_volumes=limit_volumes, progress=True)
     return {"pointing_game": metrics.pop("pointing_game"), "segmentation": metrics}
+
+
+def _anatomy_report(settings: Settings, clf: Any, study_dir: Path, limit_volumes: int | None) -> dict[str, Any]:
+    from hrf_batch.evaluation.anatomy import evaluate_anatomy
+    from hrf_batch.pipeline import PipelineParams
+    from hrf_batch.segment import make_segmenter
+
+    seg = make_segmenter(settings.segmenter, sam2_checkpoint=settings.sam2_checkpoint, sam2_size=settings.sam2_size,
+                         device=settings.device)
+    return evaluate_anatomy(study_dir, clf, seg, PipelineParams.from_settings(settings), limit_volumes=limit_volumes,
+                            progress=True)
 
 
 def _int_list(value: str) -> tuple[int, ...]:

@@ -384,5 +384,6 @@ def volume_summary(volume: Volume, *, show_identifiers: bool = True) -> dict[str
         "intensity_min": float(b.min()),
         "intensity_max": float(b.max()),
         "localizer_shape": list(volume.localizer.shape) if volume.localizer is not None else None,
+        "layer_lines": None if volume.layers is None else {"source": volume.layers.source, "names": list(volume.layers.names)},
         **meta_to_dict(volume.meta, show_identifiers=show_identifiers),
     }
