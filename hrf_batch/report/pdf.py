@@ -2,9 +2,8 @@
 
 Identifiers (name, birth date, source paths, which often carry names) appear only with
 ``show_identifiers=True``. Volumes are drawn one at a time and their pixels dropped afterwards,
-so a patient with many visits does not hold every B-scan in memory. The layer lines of the gallery's
-B-scans are the exception: the store hands them out only with every mask of the patient, so those
-are read once (see :func:`gallery_layers`) when a gallery volume has lines stored.
+so a patient with many visits does not hold every B-scan in memory; the layer lines are read only
+for the gallery's volumes (:func:`gallery_layers`).
 """
 
 from __future__ import annotations
@@ -90,7 +89,7 @@ def patient_report_html(
     summary = store.patient_summary(patient_id)
     volumes = store.volume_results(patient_id, masks=False)
     picks = gallery_picks(volumes, gallery_size)
-    lines = gallery_layers(store, patient_id, volumes, picks)
+    lines = gallery_layers(store, volumes, picks)
     sections, gallery = _volume_sections(store, summary, volumes, picks, lines, show_identifiers)
     context = {
         "patient": patient, "show_identifiers": show_identifiers, "notice": NOTICE,
@@ -279,26 +278,24 @@ def _gallery_entries(
 
 
 def gallery_layers(
-    store: Store, patient_id: str, volumes: list[StoredVolume], picks: list[GalleryPick]
+    store: Store, volumes: list[StoredVolume], picks: list[GalleryPick]
 ) -> dict[tuple[int, int], dict[str, np.ndarray]]:
     """Layer lines of each gallery B-scan, keyed by (volume id, B-scan index).
 
-    The report reads results without masks or layer lines; when a picked volume has lines stored,
-    the patient's results are read once with them and only the picked B-scans' rows are kept.
+    The report reads results without masks or layer lines; the lines of each picked volume's run are
+    read on their own, so only the gallery's volumes are decoded.
     """
     by_id = {v.volume_id: v for v in volumes}
     decoded: dict[int, dict[str, np.ndarray]] = {}
-    missing = set()
     for volume_id in {p.volume_id for p in picks}:
-        anatomy = by_id[volume_id].anatomy
+        volume = by_id[volume_id]
+        anatomy = volume.anatomy
         if anatomy is not None and anatomy.layers:
             decoded[volume_id] = anatomy.layers
-        elif anatomy is not None and anatomy.layers is None and anatomy.layer_names:
-            missing.add(volume_id)
-    if missing:
-        for full in store.volume_results(patient_id, masks=True):
-            if full.volume_id in missing and full.anatomy is not None and full.anatomy.layers:
-                decoded[full.volume_id] = full.anatomy.layers
+        elif anatomy is not None and anatomy.layer_names:
+            full = store.run_anatomy(volume.run.run_id, layers=True)
+            if full is not None and full.layers:
+                decoded[volume_id] = full.layers
     return {
         (p.volume_id, p.bscan_index): _bscan_lines(decoded[p.volume_id], p.bscan_index)
         for p in picks if p.volume_id in decoded

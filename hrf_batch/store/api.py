@@ -32,6 +32,7 @@ from hrf_batch.store.records import (
     PatientRecord,
     PatientSummary,
     RunRecord,
+    StoredAnatomy,
     StoredBScan,
     StoredVolume,
 )
@@ -267,6 +268,11 @@ class Store:
         """The patient's volumes with no done run, each with its latest (failed or running) run and no B-scans."""
         with self._transaction(f"reading the unfinished volumes of patient {patient_id}") as session:
             return read.unfinished_volumes(session, patient_id)
+
+    def run_anatomy(self, run_id: int, *, layers: bool = True) -> StoredAnatomy | None:
+        """One run's anatomy (layer lines decoded when ``layers``); None for a run stored without."""
+        with self._transaction(f"reading the anatomy of run {run_id}") as session:
+            return read.run_anatomy(session, run_id, layers)
 
     def bscans_for_run(self, run_id: int, *, masks: bool = True) -> tuple[StoredBScan, ...]:
         """One run's B-scans in index order."""
