@@ -38,6 +38,7 @@ _OUTER_UM = (40.0, 800.0)   # outer bright complex below the ILM (fovea thin .. 
 _BASELINE_MM = 2.6       # drusen and PED narrower than this are lifts above BM, not BM itself
 _TOP_UM = 30.0           # tissue in this many top rows means the retina runs out of the frame
 _ILM_CONTRAST = 0.25     # tissue below the ILM minus vitreous above, over the image's tissue level
+_GAP_MM = 0.3            # columns without clear ILM contrast shorter than this are bridged
 _LIFT_UM = 12.0          # RPE edge this far above the baseline counts as lifted
 _ESTIMATED = ("ILM", "INL", "ELM", "EZ", "RPE", "BM")
 _NEG = -1.0e9
@@ -152,11 +153,12 @@ def _trace_coarse(feature: np.ndarray, ref: np.ndarray, lo: np.ndarray, hi: np.n
     return _snap(feature, 2.0 * rough + 0.5, 2)
 
 
-def _snap(feature: np.ndarray, line: np.ndarray, reach: int) -> np.ndarray:
-    """The line moved, column by column, to the peak of ``feature`` within ``reach`` rows (sub-pixel)."""
+def _snap(feature: np.ndarray, line: np.ndarray, reach: int, down: int | None = None) -> np.ndarray:
+    """The line moved, column by column, to the peak of ``feature`` from ``reach`` rows above to
+    ``down`` rows below it (``reach`` when None), sub-pixel."""
     h, w = feature.shape
     base = np.round(line).astype(np.int64)
-    offs = np.arange(-reach, reach + 1)
+    offs = np.arange(-reach, (reach if down is None else down) + 1)
     rows = np.clip(base[None, :] + offs[:, None], 1, h - 2)
     cols = np.arange(w)
     r = rows[np.take_along_axis(feature, rows, axis=0).argmax(axis=0), cols]
@@ -261,7 +263,10 @@ def _ilm_score(s: np.ndarray, grad: np.ndarray, valid: np.ndarray, px: float) ->
     tissue_below = np.clip((below - vit) / span * 2.5, 0.0, 1.0)
     vitreous_above = np.clip(1.0 - 2.0 * (above - vit) / span, 0.0, 1.0)
     edge = np.clip(grad / span * 4.0, 0.0, 1.0)
-    score = edge * tissue_below * vitreous_above
+    # tissue right below as well: a thin hyaloid membrane lying over the ILM has a dark gap under it
+    near_below = _box_mean(s, rows + 1, max(2, int(round(12.0 * px))))
+    tissue_near = np.clip((near_below - vit) / span * 2.5, 0.0, 1.0)
+    score = edge * tissue_below * tissue_near * vitreous_above
     score[: above_len + 2] = 0.0  # no vitreous above to see: the ILM is not in the frame there
     # tissue in the top rows: the retina is cut off or folded back by the scan's depth window
     top_len = max(2, int(round(_TOP_UM * px)))
@@ -302,9 +307,14 @@ def _bscan_lines(img: np.ndarray, spacing: Spacing, given: dict[str, np.ndarray]
     r_lo = max(1, int(first[found].min()) - int(round(50.0 * px))) if found.any() else 1
     r_hi = min(h - 2, int(first[found].max()) + int(round(250.0 * px))) if found.any() else h - 2
     ilm = _trace_coarse(score, np.zeros(nb), np.full(nb, float(r_lo)), np.full(nb, float(r_hi)), max(2, int(round(bin_um * 1.0 * px))), 0.05, invalid)
-    ilm = _snap(grad, ilm, 2)  # onto the edge itself
+    # onto the edge itself: the strongest one just below, since a faint hyaloid membrane lying a few
+    # micrometres above the ILM has an edge of its own
+    ilm = _snap(grad, ilm, 2, max(2, int(round(30.0 * px))))
     at = np.clip(np.round(ilm).astype(np.int64), 0, h - 1)
     found &= contrast[at, np.arange(nb)] > _ILM_CONTRAST  # a path through the vitreous is no ILM
+    # a short stretch with weak contrast (the foveal pit over the dark ONL) lies between found columns
+    gap = max(1, int(round(_GAP_MM * 1000.0 / bin_um)))
+    found |= ndi.binary_closing(np.pad(found, gap), structure=np.ones(2 * gap + 1, bool))[gap:-gap] & valid
     has = found | (np.isfinite(ilm_given) if ilm_given is not None else False)
     if ilm_given is not None:
         ilm = np.where(np.isfinite(ilm_given), ilm_given, ilm)
