@@ -8,18 +8,24 @@ any pixel spacing.
 
 Order of the search, each step restricting the next:
 
-1. ILM: the first row, from the top, above which the A-scan is dark and below which it stays bright
-   for 120 um (a vitreous floater is too small to pass), then the strongest dark-to-bright edge near it.
-2. Outer bright complex (EZ..RPE): the brightest smoothed band 40..800 um below the ILM.
-3. Lower edge of the RPE: the strongest bright-to-dark edge below that band. Drusen and PED lift it, so
-   BM is that edge where it lies on the smooth baseline of the eye (a grey-level closing that removes
-   upward bumps narrower than 2.6 mm) and the baseline where the edge is lifted.
+1. ILM: the best continuous path over dark-to-bright edges with vitreous above them and tissue below
+   them for 120 um (a vitreous floater is too small, and too short across columns, to pass), then
+   the strongest edge just below it (past a faint hyaloid membrane lying over the ILM).
+2. Outer bright complex (EZ..RPE): the band 40..800 um below the ILM that is bright and has the dark
+   ONL above it (a thick bright RNFL around the disc is bright, but has RNFL above it).
+3. Lower edge of the RPE: the first strong bright-to-dark edge below that band. Drusen and PED lift
+   it, so BM is that edge where it lies on the smooth baseline of the eye (a grey-level closing that
+   removes upward bumps narrower than 2.6 mm) and the baseline where the edge is lifted.
 4. RPE, EZ, ELM: the inner edge of the RPE band, the strong dark-to-bright edge of the ellipsoid zone
    above it, and the thin bright ELM line above that, each in a band parallel to the line below.
-5. INL/OPL: the strongest dark-to-bright edge (dark INL over bright OPL) between the ILM and the ELM.
+5. INL/OPL: the top of the ONL (the bright-over-dark step with nothing brighter than the ONL from
+   there down to the ELM), then the dark-to-bright edge of the OPL just above it.
+
+Columns that are padding (HEYEX fills missing A-scans with 0), show no ILM contrast over a stretch
+wider than 0.3 mm, or have tissue in their top rows (the retina runs out of the frame) get NaN.
 
 Paths come from dynamic programming over columns with a limit and a cost on the jump between
-neighbouring columns, on B-scans binned to about 25 um per column (speed, and less speckle).
+neighbouring columns, on B-scans binned to about 30 um per column (speed, and less speckle).
 Row values are pixel indices (fractional): the boundary lies at that row.
 """
 
@@ -205,14 +211,6 @@ def _given_binned(line: np.ndarray | None, size: int, nb: int) -> np.ndarray | N
     return np.where(cnt > 0, out, np.nan)
 
 
-def _fill(line: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """The line with columns not ``ok`` interpolated from the nearest ok ones."""
-    if ok.all() or not ok.any():
-        return line
-    x = np.arange(line.size)
-    return np.interp(x, x[ok], line[ok])
-
-
 def _robust(line: np.ndarray, size: int, tol: float) -> np.ndarray:
     """Median filter across columns; points farther than ``tol`` from it take the median."""
     med = ndi.median_filter(line, size=max(3, size | 1), mode="nearest")
@@ -243,7 +241,8 @@ def _closing(line: np.ndarray, size: int) -> np.ndarray:
     return closed[pad:pad + line.size]
 
 
-def _ilm_score(s: np.ndarray, grad: np.ndarray, valid: np.ndarray, px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _ilm_score(s: np.ndarray, grad: np.ndarray, valid: np.ndarray,
+               px: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Score of each pixel as the ILM: a dark-to-bright edge with vitreous above it and tissue below
     it for 120 um (more than any floater is tall); which columns may show the ILM at all; and the
     contrast of tissue below each row against the rows above it, in units of tissue over vitreous.
@@ -306,7 +305,8 @@ def _bscan_lines(img: np.ndarray, spacing: Spacing, given: dict[str, np.ndarray]
     first = np.where(found, np.argmax(strong, axis=0), -1)
     r_lo = max(1, int(first[found].min()) - int(round(50.0 * px))) if found.any() else 1
     r_hi = min(h - 2, int(first[found].max()) + int(round(250.0 * px))) if found.any() else h - 2
-    ilm = _trace_coarse(score, np.zeros(nb), np.full(nb, float(r_lo)), np.full(nb, float(r_hi)), max(2, int(round(bin_um * 1.0 * px))), 0.05, invalid)
+    steep = max(2, int(round(bin_um * 1.0 * px)))  # up to 45 degrees: tilted circle scans, the pit
+    ilm = _trace_coarse(score, np.zeros(nb), np.full(nb, float(r_lo)), np.full(nb, float(r_hi)), steep, 0.05, invalid)
     # onto the edge itself: the strongest one just below, since a faint hyaloid membrane lying a few
     # micrometres above the ILM has an edge of its own
     ilm = _snap(grad, ilm, 2, max(2, int(round(30.0 * px))))
