@@ -102,6 +102,7 @@ def test_complete_layers_keeps_device_lines_and_adds_the_missing_ones() -> None:
     device = _device_lines(truth)
     done = complete_layers(device, image[None], spacing)
     assert done.source == "device"
+    assert set(done.estimated) == set(done.rows) - set(device.rows) and "INL" in done.estimated
     np.testing.assert_array_equal(done.rows["RNFL"], device.rows["RNFL"])
     np.testing.assert_array_equal(done.rows["BM"], device.rows["BM"])
     np.testing.assert_array_equal(done.rows["ILM"][0, 25:], device.rows["ILM"][0, 25:])

@@ -144,7 +144,7 @@ def _anatomy(volume: StoredVolume, *, grid: bool, source: str = "device") -> Sto
     layers = _layers_from_pixels(pixels.bscans)
     fovea = StoredFovea(1.0, volume.bscan_shape[1] / 2, 3.0, 2.9, "thickness-map") if grid else None
     return StoredAnatomy(
-        layer_source=source, layer_names=tuple(layers), layers=layers, fovea=fovea,
+        layer_source=source, layer_names=tuple(layers), estimated_layer_names=(), layers=layers, fovea=fovea,
         fovea_note="centre of the thinnest retina (thickness map)" if grid else "line scan: no fovea",
         mean_thickness_um=287.4, etdrs_thickness_um=dict(THICKNESS) if grid else {},
     )
@@ -348,3 +348,13 @@ def test_report_from_saved_anatomy_shows_the_views_numbers_and_the_stored_lines(
     # the results are read without layer lines; the gallery reads them for its B-scans
     captions = re.findall(r"iterations · ([^<]+)</p>", html)
     assert captions and all(c == "layer lines (ground truth): ILM, INL, ELM, BM" for c in captions)
+
+
+def test_caption_names_the_lines_the_estimate_added_to_a_device_set() -> None:
+    from hrf_batch.report.pdf import _layer_caption
+
+    rows = {n: np.full(8, 10.0 + i, np.float32) for i, n in enumerate(("ILM", "INL", "ELM", "BM"))}
+    anatomy = StoredAnatomy(layer_source="device", layer_names=tuple(rows), estimated_layer_names=("INL", "ELM"),
+                            layers=None, fovea=None, fovea_note="line scan: no fovea", mean_thickness_um=None,
+                            etdrs_thickness_um={})
+    assert _layer_caption(anatomy, rows) == "layer lines (device): ILM, BM; estimated: INL, ELM"

@@ -189,6 +189,17 @@ def test_anatomy_and_lesion_places_round_trip(store_url: str) -> None:
     assert old.anatomy is None and old.bscans[0].lesions[0].zone == "elm-bm"
 
 
+def test_device_lines_completed_by_the_estimate_say_which_were_estimated(store_url: str) -> None:
+    anatomy = make_anatomy()
+    device = LayerLines(anatomy.layers.rows, "device", estimated=("OPL",))
+    result = make_result(make_meta("P9", "OS", date(2024, 2, 2), "d"), [(0, "inner-retina", "C0", 3)],
+                         anatomy=dataclasses.replace(anatomy, layers=device))
+    with open_store(store_url) as store:
+        store.save_volume_result(result)
+        (light,) = store.volume_results("P9", masks=False)
+    assert (light.anatomy.layer_source, light.anatomy.estimated_layer_names) == ("device", ("OPL",))
+
+
 def test_places_the_tables_would_refuse_are_refused_before_writing(store_url: str) -> None:
     meta = make_meta("P1", "OD", date(2024, 1, 10), "b")
     bad_width = dataclasses.replace(make_anatomy(), layers=LayerLines({"ILM": np.zeros((3, 10), np.float32)}, "device"))

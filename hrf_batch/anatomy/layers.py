@@ -35,7 +35,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import ndimage as ndi
 
-from hrf_batch.io.volume import LayerLines, Spacing
+from hrf_batch.io.volume import LAYER_NAMES, LayerLines, Spacing
 
 _BIN_MM = 0.030          # lateral size of one binned column
 _BLANK_FRACTION = 0.9    # a column with more zero pixels than this is padding, not tissue
@@ -65,7 +65,8 @@ def complete_layers(device: LayerLines, bscans: np.ndarray, spacing: Spacing) ->
     """The device's lines plus estimates of the ones it lacks, searched between its ILM and BM.
 
     Device lines are kept as they are; where the device ILM or BM is NaN the estimate fills in. The
-    result keeps the device's source, since its anchor lines are the device's.
+    result keeps the device's source, since its anchor lines are the device's, and names in
+    ``estimated`` every line the estimate added.
     """
     stack = _check(bscans, spacing)
     n, _, w = stack.shape
@@ -77,13 +78,15 @@ def complete_layers(device: LayerLines, bscans: np.ndarray, spacing: Spacing) ->
         given = {k: device.rows[k][i] for k in ("ILM", "BM") if k in device.rows}
         per.append(_bscan_lines(img, spacing, given))
     out = {k: np.array(v, dtype=np.float32, copy=True) for k, v in device.rows.items()}
+    added = []
     for name in _ESTIMATED:
         est = np.stack([p[name] for p in per])
         if name not in out:
             out[name] = est
+            added.append(name)
         elif name in ("ILM", "BM"):
             out[name] = np.where(np.isnan(out[name]), est, out[name]).astype(np.float32)
-    return LayerLines(rows=out, source=device.source)
+    return LayerLines(rows=out, source=device.source, estimated=tuple(n for n in LAYER_NAMES if n in added))
 
 
 def _check(bscans: np.ndarray, spacing: Spacing) -> np.ndarray:

@@ -125,10 +125,15 @@ class LayerLines:
 
     rows: dict[str, np.ndarray]
     source: str
+    # names of a "device" set that the estimate added because the export lacked them (gaps in the
+    # device's own ILM and BM are filled by the estimate too, without being listed here)
+    estimated: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.source not in LAYER_SOURCES:
             raise VolumeError(f"layer source must be one of {LAYER_SOURCES}, got {self.source!r}")
+        if not set(self.estimated) <= set(self.rows):
+            raise VolumeError(f"estimated layer names {sorted(set(self.estimated) - set(self.rows))} have no rows")
         unknown = sorted(set(self.rows) - set(LAYER_NAMES))
         if unknown:
             raise VolumeError(f"unknown layer boundaries {unknown}; known are {LAYER_NAMES}")

@@ -320,7 +320,12 @@ def _layer_caption(anatomy: StoredAnatomy | None, lines: dict[str, np.ndarray]) 
     drawn = [name for name, rows in lines.items() if np.isfinite(rows).any()]
     if not drawn:
         return f"no layer lines on this B-scan ({layer_source_text(anatomy.layer_source)})"
-    return f"layer lines ({layer_source_text(anatomy.layer_source)}): {', '.join(drawn)}"
+    added = [n for n in drawn if n in anatomy.estimated_layer_names]
+    own = [n for n in drawn if n not in added]
+    text = f"layer lines ({layer_source_text(anatomy.layer_source)}): {', '.join(own)}"
+    if added:
+        text += f"; estimated: {', '.join(added)}"
+    return text
 
 
 VisitKey = tuple[date | None, str]

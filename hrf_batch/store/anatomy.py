@@ -25,7 +25,7 @@ _BUG_HINT = "this is a bug in the pipeline output; please report it with the fil
 
 def anatomy_fields(anatomy: VolumeAnatomy, width: int, where: str) -> dict[str, Any]:
     """RunAnatomyRow fields plus 'etdrs': {subfield: µm}; StoreError for anything the tables would refuse."""
-    fields: dict[str, Any] = {"layer_source": None, "layer_names": [], "layers_npz": None}
+    fields: dict[str, Any] = {"layer_source": None, "layer_names": [], "estimated_layer_names": [], "layers_npz": None}
     if anatomy.layers is not None:
         names = anatomy.layers.names
         for name in names:
@@ -34,6 +34,7 @@ def anatomy_fields(anatomy: VolumeAnatomy, width: int, where: str) -> dict[str, 
                 raise StoreError(f"{where}: layer {name} has shape {shape}, not (n_bscans, {width})", _BUG_HINT)
         fields |= {
             "layer_source": anatomy.layers.source, "layer_names": list(names),
+            "estimated_layer_names": [n for n in names if n in anatomy.layers.estimated],
             "layers_npz": codec.encode_layers({n: anatomy.layers.rows[n] for n in names}) if names else None,
         }
     fields |= _fovea_fields(anatomy, where)
@@ -105,6 +106,7 @@ def stored_anatomy(row: RunAnatomyRow, thickness: list[RunEtdrsThicknessRow], la
     return StoredAnatomy(
         layer_source=row.layer_source,
         layer_names=tuple(n for n in LAYER_NAMES if n in row.layer_names),
+        estimated_layer_names=tuple(n for n in LAYER_NAMES if n in (row.estimated_layer_names or ())),
         layers=decoded, fovea=fovea, fovea_note=row.fovea_note, mean_thickness_um=row.mean_thickness_um,
         etdrs_thickness_um={s: by_subfield[s] for s in SUBFIELDS if s in by_subfield},
     )

@@ -86,6 +86,7 @@ class StoredAnatomy:
 
     layer_source: str | None  # 'device' | 'estimated' | 'ground-truth'; None: no layer lines
     layer_names: tuple[str, ...]
+    estimated_layer_names: tuple[str, ...]  # of a 'device' set: the lines the estimate added
     layers: dict[str, np.ndarray] | None  # name -> float32 (n_bscans, width) rows; None when read without them
     fovea: StoredFovea | None
     fovea_note: str

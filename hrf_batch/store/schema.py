@@ -220,6 +220,7 @@ class RunAnatomyRow(Base):
     run_pk: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), primary_key=True)
     layer_source: Mapped[str | None] = mapped_column(String(16))
     layer_names: Mapped[list[Any]] = mapped_column(JSON)
+    estimated_layer_names: Mapped[list[Any]] = mapped_column(JSON)  # of a device set: lines the estimate added
     layers_npz: Mapped[bytes | None] = mapped_column(LargeBinary)
     fovea_bscan: Mapped[float | None] = mapped_column(Double)
     fovea_col: Mapped[float | None] = mapped_column(Double)

@@ -82,6 +82,7 @@ def _create_anatomy_tables() -> None:
                   sa.ForeignKey("runs.id", ondelete="CASCADE", name="fk_run_anatomy_run_pk"), nullable=False),
         sa.Column("layer_source", sa.String(16), nullable=True),
         sa.Column("layer_names", sa.JSON(), nullable=False),
+        sa.Column("estimated_layer_names", sa.JSON(), nullable=False),
         sa.Column("layers_npz", sa.LargeBinary(), nullable=True),
         sa.Column("fovea_bscan", sa.Double(), nullable=True),
         sa.Column("fovea_col", sa.Double(), nullable=True),
