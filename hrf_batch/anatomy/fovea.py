@@ -133,8 +133,8 @@ def find_fovea(thickness_um: np.ndarray | None, meta: VolumeMeta, width: int) ->
                       f"{RIM_MM[0]}-{RIM_MM[1]} mm around the thinnest point")
     depth = float(np.median(rim)) - thinnest
     if depth < MIN_PIT_DEPTH_UM:
-        return None, (f"no foveal pit found: the thinnest point near the scan centre lies only {depth:.0f} um below "
-                      f"the ring {RIM_MM[0]}-{RIM_MM[1]} mm around it (a pit is at least {MIN_PIT_DEPTH_UM:.0f} um deep)")
+        return None, (f"no foveal pit found: the thinnest point near the scan centre lies only {depth:.0f} µm below "
+                      f"the ring {RIM_MM[0]}-{RIM_MM[1]} mm around it (a pit is at least {MIN_PIT_DEPTH_UM:.0f} µm deep)")
     level = thinnest + 0.5 * depth
     with np.errstate(invalid="ignore"):
         below = (s < level) & (r <= PIT_RADIUS_MM)
@@ -148,5 +148,5 @@ def find_fovea(thickness_um: np.ndarray | None, meta: VolumeMeta, width: int) ->
     pos = fovea_mm(meta, bscan, col, width)
     fovea = Fovea(bscan=bscan, col=col, x_mm=None if pos is None else pos[0], y_mm=None if pos is None else pos[1],
                   method="thickness-map")
-    return fovea, (f"thickness map: pit {depth:.0f} um deep (thinnest {thinnest:.0f} um) at B-scan {bscan:.2f}, "
+    return fovea, (f"thickness map: pit {depth:.0f} µm deep (thinnest {thinnest:.0f} µm) at B-scan {bscan:.2f}, "
                    f"column {col:.1f}")
