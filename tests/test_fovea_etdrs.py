@@ -125,7 +125,7 @@ def test_find_fovea_tolerates_missing_a_scans_and_noise():
 def test_find_fovea_rejects_a_flat_map_and_a_shallow_dip():
     meta = make_meta()
     fovea, note = find_fovea(np.full((N, W), 300.0, np.float32), meta, W)
-    assert fovea is None and note.startswith("no foveal pit found") and "30 um" in note
+    assert fovea is None and note.startswith("no foveal pit found") and "30 µm" in note
     fovea, note = find_fovea(pit_map(12.0, 256.0, depth=20.0), meta, W)
     assert fovea is None and note.startswith("no foveal pit found")
 
