@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, text
 
 import pg
 
@@ -36,3 +37,13 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'study.sqlite'}"
     return request.getfixturevalue("pg_cluster").create_database()
+
+
+def row_counts(url: str, tables: tuple[str, ...]) -> dict[str, int]:
+    """Rows in each of ``tables`` of the database at ``url``."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one() for t in tables}
+    finally:
+        engine.dispose()

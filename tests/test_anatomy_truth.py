@@ -3,7 +3,7 @@ beside a study (mirrored for left eyes) and read back by load_anatomy_truth."""
 
 from __future__ import annotations
 
-from datetime import date, datetime
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np

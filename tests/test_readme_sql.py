@@ -8,12 +8,12 @@ from datetime import date
 
 import pytest
 from sqlalchemy import create_engine, text
+from test_store_anatomy import AXIAL_MM, GRID_AREA, LATERAL_MM, make_anatomy, make_meta, make_result
 
 from hrf_batch.results import SUBFIELDS
 from hrf_batch.store import open_store
 
 from conftest import PROJECT_ROOT
-from test_store_anatomy import AXIAL_MM, GRID_AREA, LATERAL_MM, make_anatomy, make_meta, make_result
 
 #: (patient, eye, visit) -> (lesions as (B-scan, zone, subfield, area px), whether a fovea was found,
 #: mean thickness per subfield)

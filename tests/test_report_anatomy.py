@@ -293,10 +293,10 @@ def test_pdf_with_anatomy_renders(hand_built, tmp_path: Path) -> None:
 
 def _saved_with_anatomy(tmp_path: Path) -> tuple[Store, dict[str, int]]:
     """One volume saved through the store with layer lines, a fovea and lesions in known places."""
-    from conftest import make_test_volume
-
     from hrf_batch.io.volume import LayerLines
     from hrf_batch.results import BScanResult, Fovea, Lesion, VolumeAnatomy, VolumeResult
+
+    from conftest import make_test_volume
     from test_report import TEST_RUN
 
     volume = make_test_volume(n=3, height=40, width=64, eye="OS")

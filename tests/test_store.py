@@ -28,6 +28,7 @@ from hrf_batch.store.codec import decode_mask, decode_relevance, encode_mask, en
 from hrf_batch.store.schema import VERSION_TABLE, Base
 
 from conftest import PROJECT_ROOT, make_test_volume, readme_queries
+from conftest_store import row_counts
 
 ASSETS = Path(__file__).with_name("assets")
 TABLES = ("patients", "patient_identifiers", "visits", "volumes", "runs", "bscans", "lesions", "ingest_errors")
@@ -72,15 +73,6 @@ def make_result(meta=None, lesions=(0, 2, 1), run: RunInfo | None = None, seed: 
     rng = np.random.default_rng(seed)
     bscans = tuple(make_bscan(i, n, rng) for i, n in enumerate(lesions))
     return VolumeResult(meta=meta or make_meta(), bscan_shape=SHAPE, bscans=bscans, run=run or make_run())
-
-
-def row_counts(url: str) -> dict[str, int]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one() for t in TABLES}
-    finally:
-        engine.dispose()
 
 
 def test_new_database_is_created_at_head_and_matches_the_models(store_url: str) -> None:
@@ -149,7 +141,7 @@ def test_rerun_with_same_inputs_is_found_and_is_a_no_op(store_url: str) -> None:
         assert store.find_done_run(*key[:5], params_hash({**run.parameters, "threshold": 0.1}), key[6]) is None
         assert store.find_done_run(*key[:2], "other-model", *key[3:]) is None
         assert store.save_volume_result(result).run_id == first.run_id
-        counts = row_counts(store_url)
+        counts = row_counts(store_url, TABLES)
         assert (counts["runs"], counts["bscans"], counts["lesions"], counts["volumes"]) == (1, 3, 3, 1)
         newer = store.save_volume_result(make_result(lesions=(1, 1, 1), run=make_run(model="cct-9f8e")))
         assert newer.run_id != first.run_id
@@ -166,7 +158,7 @@ def test_failed_run_is_recorded_and_replaced_by_a_successful_one(store_url: str)
         assert store.view_rows("hrf_burden_volume") == []  # views only show done runs
         done = store.save_volume_result(result)
         assert done.status == "done" and store.find_done_run_for(result.meta, result.run) == done
-        assert row_counts(store_url)["runs"] == 1
+        assert row_counts(store_url, TABLES)["runs"] == 1
 
 
 def test_a_save_that_fails_midway_leaves_no_rows(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -184,10 +176,10 @@ def test_a_save_that_fails_midway_leaves_no_rows(store_url: str, monkeypatch: py
         with pytest.raises(RuntimeError, match="mid-save"):
             store.save_volume_result(make_result())
         assert calls == [0, 1]
-        assert row_counts(store_url) == dict.fromkeys(TABLES, 0)
+        assert row_counts(store_url, TABLES) == dict.fromkeys(TABLES, 0)
         monkeypatch.setattr(write, "_add_bscan", real_add)
         store.save_volume_result(make_result())
-        assert row_counts(store_url)["bscans"] == 3
+        assert row_counts(store_url, TABLES)["bscans"] == 3
 
 
 def test_an_inconsistent_result_is_refused_before_writing(store_url: str) -> None:
@@ -197,7 +189,7 @@ def test_an_inconsistent_result_is_refused_before_writing(store_url: str) -> Non
         with pytest.raises(StoreError, match="mask shape") as info:
             store.save_volume_result(dataclasses.replace(good, bscans=(good.bscans[0], bad_bscan)))
         assert "report it" in str(info.value)
-        assert row_counts(store_url) == dict.fromkeys(TABLES, 0)
+        assert row_counts(store_url, TABLES) == dict.fromkeys(TABLES, 0)
 
 
 def save_study(url: str) -> None:

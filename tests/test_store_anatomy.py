@@ -37,6 +37,7 @@ from hrf_batch.store.codec import decode_layers, encode_layers
 from hrf_batch.store.schema import VERSION_TABLE, Base
 
 from conftest import make_test_volume
+from conftest_store import row_counts
 
 ASSETS = Path(__file__).with_name("assets")
 SHAPE = (40, 64)
@@ -260,15 +261,6 @@ def _load_asset_script():
     return module
 
 
-def _counts(url: str) -> dict[str, int]:
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return {t: conn.execute(text(f"SELECT COUNT(*) FROM {t}")).scalar_one() for t in TABLES}
-    finally:
-        engine.dispose()
-
-
 def _check_upgraded(url: str) -> None:
     with open_store(url) as store:
         (volume_a, volume_b) = store.volume_results("OLD02")
@@ -286,13 +278,13 @@ def test_a_0002_sqlite_database_upgrades_keeping_every_row(tmp_path: Path) -> No
     path = tmp_path / "old.sqlite"
     shutil.copy(ASSETS / "store_0002.sqlite", path)
     url = f"sqlite:///{path}"
-    before = _counts(url)
+    before = row_counts(url, TABLES)
     assert before == {"patients": 1, "visits": 2, "volumes": 2, "runs": 3, "bscans": 4, "lesions": 4}
     with pytest.raises(SchemaOutdatedError) as info:
         open_store(url)
     assert (info.value.current, info.value.head) == ("0002", "0003")
     assert upgrade(url) == "0003"
-    assert _counts(url) == before
+    assert row_counts(url, TABLES) == before
     engine = create_engine(url)
     with engine.connect() as conn:
         places = conn.execute(text("SELECT DISTINCT zone, etdrs_subfield FROM lesions")).all()
@@ -308,8 +300,8 @@ def test_a_0002_postgresql_database_upgrades_keeping_every_row(pg_cluster) -> No
     with engine.begin() as conn:
         _load_asset_script().fill(conn)
     engine.dispose()
-    before = _counts(url)
-    assert upgrade(url) == "0003" and _counts(url) == before
+    before = row_counts(url, TABLES)
+    assert upgrade(url) == "0003" and row_counts(url, TABLES) == before
     _check_upgraded(url)
 
 
@@ -321,14 +313,14 @@ def test_0003_downgrades_to_0002_keeping_the_lesions_and_upgrades_again(store_ur
     (patient, eye, visit, sha), (lesions, anatomy) = next(iter(STUDY.items()))
     with open_store(store_url) as store:
         store.save_volume_result(make_result(make_meta(patient, eye, visit, sha), lesions, anatomy=anatomy))
-    before = _counts(store_url)
+    before = row_counts(store_url, TABLES)
     engine = make_engine(resolve_url(store_url))
     try:
         with writer(engine).begin() as conn:
             command.downgrade(_alembic_config(conn), "0002")
     finally:
         engine.dispose()
-    assert _counts(store_url) == before
+    assert row_counts(store_url, TABLES) == before
     assert upgrade(store_url) == "0003"
     with open_store(store_url) as store:
         (volume,) = store.volume_results(patient, masks=False)
