@@ -255,6 +255,7 @@ def train(ctx: click.Context, study_dirs: tuple[Path, ...], out_dir: Path, label
 @click.option("--segmenter", type=click.Choice(["auto", "sam2", "region"]), help="Segmenter for --segmentation.")
 @click.option("--sam2-checkpoint", help="SAM 2.1 checkpoint file (.pt).")
 @click.option("--max-iterations", type=click.IntRange(1, 50), help="Pipeline iterations (default 6).")
+@click.option("--stop-score", type=click.FloatRange(0, 1), help="Stop a B-scan when its score falls below this (default 0.05).")
 @click.option("--limit-volumes", type=click.IntRange(1), help="Evaluate at most N volumes (quick runs).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @_guard_options
@@ -262,8 +263,9 @@ def train(ctx: click.Context, study_dirs: tuple[Path, ...], out_dir: Path, label
 @_friendly
 def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Path | None, device: str | None,
              segmentation: bool, anatomy: bool, val_study: Path | None, segmenter: str | None, sam2_checkpoint: str | None,
-             max_iterations: int | None, limit_volumes: int | None, as_json: bool, score_drop_guard: bool | None,
-             lesion_filter: bool | None, peaks_per_iteration: int | None, retina_band: bool | None) -> None:
+             max_iterations: int | None, stop_score: float | None, limit_volumes: int | None, as_json: bool,
+             score_drop_guard: bool | None, lesion_filter: bool | None, peaks_per_iteration: int | None,
+             retina_band: bool | None) -> None:
     """Score a labelled study with a model: AUROC, AP and F1 for HRF presence; with --segmentation
     also Dice, pixel recall/precision and lesion F1 after 1 and N iterations, the global- and
     oracle-threshold baselines, and the pointing game."""
@@ -271,7 +273,7 @@ def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Pat
     from hrf_batch.model.classify import load_classifier
 
     settings = _settings(ctx, model=model, device=device, segmenter=segmenter, sam2_checkpoint=sam2_checkpoint,
-                         max_iterations=max_iterations, score_drop_guard=score_drop_guard,
+                         max_iterations=max_iterations, stop_score=stop_score, score_drop_guard=score_drop_guard,
                          lesion_filter=lesion_filter, peaks_per_iteration=peaks_per_iteration,
                          retina_band=retina_band)
     clf = load_classifier(settings.model, settings.device, settings.batch_size)
