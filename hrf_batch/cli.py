@@ -412,13 +412,18 @@ def db_upgrade(ctx: click.Context, db_opt: str | None) -> None:
     click.echo(f"database {display_url(resolve_url(settings.db))} is at schema revision {revision}")
 
 
-@main.command()
+@main.group(invoke_without_command=True)
 @click.option("--dir", "models_dir", type=click.Path(path_type=Path, file_okay=False), help="Folder of model folders (default: the models shipped inside the package).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.pass_context
 @_friendly
 def models(ctx: click.Context, models_dir: Path | None, as_json: bool) -> None:
-    """List the classifier models with their ids and purpose, and whether SAM 2 is ready."""
+    """List the classifier models with their ids and purpose, and whether SAM 2 is ready.
+
+    `hrf-batch models fetch sam2` downloads (or installs a copy of) the SAM 2.1 weights.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
     from hrf_batch.config import MODELS_DIR
     from hrf_batch.model.catalog import list_models
     from hrf_batch.segment import sam2_status
@@ -437,6 +442,57 @@ def models(ctx: click.Context, models_dir: Path | None, as_json: bool) -> None:
     if not found:
         click.echo(f"no models found in {models_dir or MODELS_DIR}")
     click.echo(f"SAM 2 ({sam2['name']}): {'ready' if sam2['ready'] else 'not ready'} — {sam2['message']}")
+
+
+@models.group("fetch")
+def models_fetch() -> None:
+    """Get model weights that cannot ship with hrf-batch."""
+
+
+SAM2_SIZES = ("tiny", "small", "base_plus", "large")  # the keys of segment.weights.SAM2_MODELS (no import here: --help stays instant)
+
+
+@models_fetch.command("sam2")
+@click.option("--size", type=click.Choice(SAM2_SIZES, case_sensitive=False), help="Model size (default: the sam2_size setting, tiny).")
+@click.option("--from", "src", type=click.Path(path_type=Path, exists=True, dir_okay=False), help="Install this copy (fetched on another machine) instead of downloading.")
+@click.option("--to", "to_dir", type=click.Path(path_type=Path, file_okay=False), help="Target folder (default: the sam2_checkpoint setting when it is a folder, else ~/.cache/hrf-batch/sam2).")
+@click.option("--force", is_flag=True, help="Replace a different checkpoint already in the target folder (or download again).")
+@click.pass_context
+def models_fetch_sam2(ctx: click.Context, size: str | None, src: Path | None, to_dir: Path | None, force: bool) -> None:
+    """Download the official SAM 2.1 checkpoint, or install a copy with --from FILE.
+
+    The file is loaded as the chosen size and written under a temporary name in the target folder,
+    then renamed to its official name, so a broken or wrong file is never installed. Without network,
+    fetch the file on another machine and install it here with --from.
+    """
+    from hrf_batch.segment import sam2_spec, sam2_status
+    from hrf_batch.segment.fetch import fetch, install, target_dir
+
+    settings = _settings(ctx)
+    try:
+        spec = sam2_spec(size or settings.sam2_size)
+        folder = to_dir or target_dir(settings.sam2_checkpoint)
+        if src is None:
+            click.echo(f"downloading {spec.url}\n  into {folder} (checked by loading it as {spec.name} before it is installed)", err=True)
+            done = fetch(spec.size, folder, force=force)
+        else:
+            click.echo(f"checking that {src} loads as {spec.name} ...", err=True)
+            done = install(src, spec.size, folder, force=force)
+    except HrfBatchError as exc:  # the problem, then what to do, each on its own line
+        raise click.ClickException(f"{exc.problem}\n{exc.hint}" if exc.hint else exc.problem) from exc
+    said = {"installed": "installed", "replaced": "replaced the previous file with",
+            "unchanged": "already installed (same sha256), nothing to do:",
+            "present": "already installed, nothing downloaded (pass --force to download it again):"}
+    click.echo(f"{spec.name} {said[done.action]} {done.path}\nsha256 {done.sha256}")
+    status = sam2_status(settings.sam2_checkpoint, spec.size)
+    if not (status["ready"] and Path(status["path"]).resolve() == done.path.resolve()):
+        click.echo(f"note: hrf-batch looks for {spec.name} at {status['path']}, not here; point the sam2_checkpoint "
+                   f"setting (or HRF_BATCH_SAM2_CHECKPOINT) at {done.path}")
+    elif spec.size != settings.sam2_size:
+        click.echo(f"SAM 2 ({spec.name}): ready; it is used with --sam2-size {spec.size} "
+                   f"(the sam2_size setting is {settings.sam2_size})")
+    else:
+        click.echo(f"SAM 2 ({spec.name}): ready")
 
 
 @main.command()
