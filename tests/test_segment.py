@@ -287,3 +287,13 @@ def test_sam2_masks_lie_in_the_crop_window(sam_run: dict) -> None:
 def test_sam2_batched_equals_one_at_a_time(sam_run: dict) -> None:
     assert len(sam_run["single"]) == 1
     np.testing.assert_array_equal(sam_run["batched"][1], sam_run["single"][0])
+
+
+def test_loader_names_a_file_that_is_not_a_pytorch_file(tmp_path: Path) -> None:
+    from hrf_batch.segment.sam import load_sam2
+
+    path = tmp_path / "note.pt"
+    path.write_bytes(b"hi\n")  # unpickling this ends in a bare KeyError
+    with pytest.raises(SegmenterSetupError, match="not a PyTorch file") as info:
+        load_sam2(path, "tiny")
+    assert "hrf-batch models fetch sam2 --size tiny" in info.value.hint

@@ -52,8 +52,10 @@ def load_sam2(path: str | os.PathLike[str], size: str, device: str | torch.devic
     spec = sam2_spec(size)
     try:
         payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise SegmenterSetupError(f"{path} cannot be read as a SAM 2 checkpoint ({one_line(exc)})",
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        # a file that is not a pickle at all can end in a bare KeyError inside the unpickler
+        detail = "not a PyTorch file" if isinstance(exc, KeyError) else one_line(exc)
+        raise SegmenterSetupError(f"{path} cannot be read as a SAM 2 checkpoint ({detail})",
                                   how_to_install(size)) from exc
     state = payload.get("model") if isinstance(payload, dict) else None
     if not isinstance(state, dict):

@@ -82,9 +82,10 @@ def how_to_install(size: str) -> str:
     """What to download and where to put it — the hint of every missing-checkpoint error."""
     spec = sam2_spec(size)
     target = default_checkpoint_dir() / spec.filename
-    return (f"download the official SAM 2.1 checkpoint {spec.filename} ({spec.url}) and put it at {target}, "
-            f"or point the sam2_checkpoint setting / {CHECKPOINT_ENV} at the file; "
-            "without it hrf-batch can only use the region-growing segmenter")
+    return (f"run `hrf-batch models fetch sam2 --size {spec.size}`, or download the official SAM 2.1 checkpoint "
+            f"{spec.filename} ({spec.url}) and install it with `hrf-batch models fetch sam2 --size {spec.size} "
+            f"--from FILE` (it goes to {target}), or point the sam2_checkpoint setting / {CHECKPOINT_ENV} at the "
+            "file; without it hrf-batch can only use the region-growing segmenter")
 
 
 def _problem(path: Path) -> str | None:
