@@ -40,6 +40,25 @@ from hrf_batch.store import Claim, Store, StoreError, open_store, utc_now
 log = logging.getLogger(__name__)
 
 
+PROCESSED = "processed"
+ALREADY_DONE = "already done"
+FAILED = "failed"
+ELSEWHERE = "elsewhere"  # being processed by another ingest at the time
+NOT_OCT = "not oct"
+
+
+@dataclass(frozen=True)
+class VolumeOutcome:
+    """What became of one volume, or of one file that gave none: small and picklable, so that a worker
+    process (:mod:`hrf_batch.workers`) can send it to the ingest that counts, as the serial loop counts it."""
+
+    status: str  # PROCESSED, ALREADY_DONE, FAILED, ELSEWHERE or NOT_OCT
+    path: str = ""
+    reason: str = ""
+    hrf_count: int = 0
+    bscans: int = 0
+
+
 @dataclass
 class IngestSummary:
     """What one ingest did; ``failed`` > 0 makes the command exit with code 3."""
@@ -55,6 +74,22 @@ class IngestSummary:
     seconds: float = 0.0
     failures: list[tuple[str, str]] = field(default_factory=list)
 
+    def add(self, outcome: VolumeOutcome) -> None:
+        """Count one outcome; the serial loop and the worker driver both count through here."""
+        if outcome.status == PROCESSED:
+            self.processed += 1
+            self.hrf_count += outcome.hrf_count
+            self.bscans += outcome.bscans
+        elif outcome.status == ALREADY_DONE:
+            self.already_done += 1
+        elif outcome.status == ELSEWHERE:
+            self.elsewhere += 1
+        elif outcome.status == NOT_OCT:
+            self.not_oct += 1
+        else:
+            self.failed += 1
+            self.failures.append((outcome.path, outcome.reason))
+
     def text(self) -> str:
         lines = [
             f"volumes: {self.processed} processed, {self.already_done} already done (skipped), {self.failed} failed, "
@@ -66,55 +101,84 @@ class IngestSummary:
         return "\n".join(lines)
 
 
-def _process(volume: Volume, ctx: "_Context", summary: IngestSummary, progress: bool) -> None:
+@dataclass(frozen=True)
+class Models:
+    """The classifier and segmenter of one process, with the parameters and rerun key they give."""
+
+    clf: Classifier
+    segmenter: Segmenter
+    params: PipelineParams
+    key: RunInfo
+
+
+@dataclass
+class IngestContext:
+    """What every volume of one ingest (or of one worker process) is computed and stored with."""
+
+    store: Store
+    models: Models
+    batch_id: str
+
+    @property
+    def key(self) -> RunInfo:
+        return self.models.key
+
+
+def new_batch_id() -> str:
+    """The id that ties the ingest errors of one ingest together."""
+    return uuid.uuid4().hex[:12]
+
+
+def load_models(settings: Settings, segmenter: Segmenter | None = None) -> Models:
+    """Load the classifier and the segmenter the settings name (once per process: they are the slow part)."""
+    clf = load_classifier(settings.model, settings.device, settings.batch_size)
+    if segmenter is None:
+        segmenter = make_segmenter(settings.segmenter, sam2_checkpoint=settings.sam2_checkpoint,
+                                   sam2_size=settings.sam2_size, device=settings.device)
+    params = PipelineParams.from_settings(settings)
+    return Models(clf, segmenter, params, run_info(clf, segmenter, params))
+
+
+def process_volume(volume: Volume, ctx: IngestContext, progress: bool) -> VolumeOutcome:
     """Run and store one volume; whatever goes wrong with it is recorded and the study goes on."""
+    path = volume.meta.source_path
     if ctx.store.find_done_run_for(volume.meta, ctx.key) is not None:
-        summary.already_done += 1
-        return
+        return VolumeOutcome(ALREADY_DONE, path)
     started = utc_now()
     try:
         claim = ctx.store.claim_volume(volume.meta, ctx.key, n_bscans=volume.n_bscans,
                                        bscan_shape=volume.bscan_shape, started_at=started)
     except StoreError as exc:  # e.g. metadata the database refuses: recorded like any other failure
-        _record_failure(volume, ctx, summary, started, f"claiming the volume failed: StoreError: {one_line(exc)}", exc)
-        return
+        return _record_failure(volume, ctx, started, f"claiming the volume failed: StoreError: {one_line(exc)}", exc)
     if claim is Claim.DONE:  # finished by another ingest since the look-up above
-        summary.already_done += 1
-        return
+        return VolumeOutcome(ALREADY_DONE, path)
     if claim is Claim.ELSEWHERE:
-        summary.elsewhere += 1
-        return
+        return VolumeOutcome(ELSEWHERE, path)
     try:
-        result = _compute_and_save(volume, ctx, summary, started, progress)
+        return _compute_and_save(volume, ctx, started, progress)
     finally:
         ctx.store.release_volume(volume.meta, ctx.key)
-    if result is None:
-        return
-    summary.processed += 1
-    summary.hrf_count += result.hrf_count
-    summary.bscans += volume.n_bscans
 
 
-def _compute_and_save(volume: Volume, ctx: "_Context", summary: IngestSummary, started: datetime,
-                      progress: bool) -> VolumeResult | None:
-    """Pipeline and store for a claimed volume; a failure is recorded and gives None."""
+def _compute_and_save(volume: Volume, ctx: IngestContext, started: datetime, progress: bool) -> VolumeOutcome:
+    """Pipeline and store for a claimed volume; a failure is recorded and counted as such."""
     name = display_text(Path(volume.meta.source_path).name)
-    bar = tqdm(total=ctx.params.max_iterations + 1, desc=f"{name} {volume.meta.eye}", unit="step", leave=False,
+    m = ctx.models
+    bar = tqdm(total=m.params.max_iterations + 1, desc=f"{name} {volume.meta.eye}", unit="step", leave=False,
                disable=not progress)
     stage = "pipeline"
     try:
         with bar:
-            result = run_volume(volume, ctx.clf, ctx.segmenter, ctx.params, on_step=lambda: bar.update(1), run=ctx.key)
+            result = run_volume(volume, m.clf, m.segmenter, m.params, on_step=lambda: bar.update(1), run=m.key)
         stage = "storing the results"
         ctx.store.save_volume_result(result, started_at=started)
     except Exception as exc:  # one volume's failure, whatever its cause, must not stop the study: recorded below
-        _record_failure(volume, ctx, summary, started, f"{stage} failed: {type(exc).__name__}: {one_line(exc)}", exc)
-        return None
-    return result
+        return _record_failure(volume, ctx, started, f"{stage} failed: {type(exc).__name__}: {one_line(exc)}", exc)
+    return VolumeOutcome(PROCESSED, volume.meta.source_path, hrf_count=result.hrf_count, bscans=volume.n_bscans)
 
 
-def _record_failure(volume: Volume, ctx: "_Context", summary: IngestSummary, started: datetime, reason: str,
-                    exc: Exception) -> None:
+def _record_failure(volume: Volume, ctx: IngestContext, started: datetime, reason: str,
+                    exc: Exception) -> VolumeOutcome:
     """A failed run for the volume, or, when even its metadata cannot be stored, an ingest error for
     its file. Only a database that accepts neither stops the ingest (it raises from here)."""
     path = volume.meta.source_path
@@ -127,18 +191,8 @@ def _record_failure(volume: Volume, ctx: "_Context", summary: IngestSummary, sta
                                     bscan_shape=volume.bscan_shape, started_at=started)
     except StoreError as store_exc:
         log.error("%s: cannot record the failed run (%s); recording the file instead", path, one_line(store_exc))
-        ctx.store.record_ingest_error(path, reason, "error", summary.batch_id)
-    summary.failed += 1
-    summary.failures.append((path, reason))
-
-
-@dataclass
-class _Context:
-    store: Store
-    clf: Classifier
-    segmenter: Segmenter
-    params: PipelineParams
-    key: RunInfo
+        ctx.store.record_ingest_error(path, reason, "error", ctx.batch_id)
+    return VolumeOutcome(FAILED, path, reason)
 
 
 def ingest_study(study_dir: Path, settings: Settings, *, progress: bool = True,
@@ -149,32 +203,27 @@ def ingest_study(study_dir: Path, settings: Settings, *, progress: bool = True,
     retuned region grower); its name, checkpoint hash and parameters go into the rerun key."""
     start = time.perf_counter()
     disc = discover(study_dir)
-    clf = load_classifier(settings.model, settings.device, settings.batch_size)
-    if segmenter is None:
-        segmenter = make_segmenter(settings.segmenter, sam2_checkpoint=settings.sam2_checkpoint,
-                                   sam2_size=settings.sam2_size, device=settings.device)
-    params = PipelineParams.from_settings(settings)
-    summary = IngestSummary(batch_id=uuid.uuid4().hex[:12])
+    models = load_models(settings, segmenter)
+    summary = IngestSummary(batch_id=new_batch_id())
     with open_store(settings.db) as store:
-        ctx = _Context(store, clf, segmenter, params, run_info(clf, segmenter, params))
+        ctx = IngestContext(store, models, summary.batch_id)
         for issue in disc.issues:
-            _record_issue(store, issue, summary)
+            summary.add(record_issue(store, issue, summary.batch_id))
         sources = tqdm(disc.sources, desc="study", unit="source", disable=not progress)
         for item in read_sources(sources):  # the same reading path as `scan`: a bad file is an issue, not an abort
             if isinstance(item, FileIssue):
-                _record_issue(store, item, summary)
+                summary.add(record_issue(store, item, summary.batch_id))
                 continue
-            _process(item, ctx, summary, progress)
+            summary.add(process_volume(item, ctx, progress))
             if on_volume is not None:
                 on_volume(item.meta.source_path)
     summary.seconds = time.perf_counter() - start
     return summary
 
 
-def _record_issue(store: Store, issue: FileIssue, summary: IngestSummary) -> None:
-    store.record_ingest_error(issue.path, issue.reason, issue.kind, summary.batch_id)
+def record_issue(store: Store, issue: FileIssue, batch_id: str) -> VolumeOutcome:
+    """Store a file that gave no volume (not OCT, or unreadable) and say how it counts."""
+    store.record_ingest_error(issue.path, issue.reason, issue.kind, batch_id)
     if issue.kind == "skipped":
-        summary.not_oct += 1
-    else:
-        summary.failed += 1
-        summary.failures.append((str(issue.path), issue.reason))
+        return VolumeOutcome(NOT_OCT, str(issue.path), issue.reason)
+    return VolumeOutcome(FAILED, str(issue.path), issue.reason)
