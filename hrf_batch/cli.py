@@ -373,10 +373,14 @@ EXIT_PARTIAL = 3
 @click.option("--threshold", type=click.FloatRange(0, 1), help="Decision threshold (default: the model's own).")
 @click.option("--crop-px", type=click.IntRange(50, 100), help="Crop size around the relevance peak (default 75).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Worker processes computing files at once on this machine.")
+@click.option("--devices", help="CUDA devices for the workers, comma-separated (e.g. 0,1): worker i uses cuda:<i-th, "
+              "round robin>. Default: every worker uses --device.")
 @_guard_options
 @click.pass_context
 @_friendly
-def ingest(ctx: click.Context, study_dir: Path, quiet: bool, **flags: Any) -> None:
+def ingest(ctx: click.Context, study_dir: Path, quiet: bool, workers: int, devices: str | None, **flags: Any) -> None:
     """Find every OCT volume in STUDY_DIR, segment its HRFs and store them in the study database.
 
     One transaction per volume; volumes already processed with the same model, segmenter and
@@ -384,11 +388,22 @@ def ingest(ctx: click.Context, study_dir: Path, quiet: bool, **flags: Any) -> No
     split the volumes between them. Exit code 0: everything readable was
     processed; 3: some files or volumes failed (recorded in the database, the rest stored);
     1: nothing could be done (bad settings, missing model, database unreachable).
+
+    --workers N computes N files at once in N processes on this machine (one progress bar, one summary);
+    a worker that dies fails only the file it held, which the next ingest computes.
     """
+    import dataclasses
+
     from hrf_batch.ingest import ingest_study
+    from hrf_batch.workers import ingest_study_workers, parse_devices, worker_device
 
     settings = _settings(ctx, **flags)
-    summary = ingest_study(study_dir, settings, progress=not quiet)
+    device_list = parse_devices(devices) if devices is not None else None
+    if workers == 1:
+        settings = dataclasses.replace(settings, device=worker_device(settings, 0, device_list))
+        summary = ingest_study(study_dir, settings, progress=not quiet)
+    else:
+        summary = ingest_study_workers(study_dir, settings, workers, devices=device_list, progress=not quiet)
     click.echo(summary.text())
     if summary.failed:
         ctx.exit(EXIT_PARTIAL)

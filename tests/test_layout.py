@@ -35,8 +35,9 @@ ALLOWED: dict[str, set[str]] = {
     "evaluation": {"io", "anatomy", "model", "segment", "pipeline", "results"},
     "training": {"io", "model", "evaluation"},  # validation during training uses the evaluation metrics
     "ingest": {"config", "io", "anatomy", "model", "segment", "pipeline", "results", "store"},
+    "workers": {"config", "io", "anatomy", "model", "segment", "pipeline", "results", "store", "ingest"},
     "cli": {"config", "io", "synthetic", "anatomy", "model", "segment", "results", "pipeline", "store", "report", "evaluation",
-            "training", "ingest"},
+            "training", "ingest", "workers"},
     "__main__": {"cli"},
 }
 

@@ -1,0 +1,167 @@
+"""`hrf-batch ingest --workers N`: the same rows as a serial ingest, reruns, a worker that dies, bad --devices.
+
+The reference is a serial ingest of the same small synthetic study (two HEYEX .vol files and two DICOM
+series) into its own SQLite database; the lesion filter and the retina band are off so that the tiny
+random model's B-scans do give lesions to compare.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import MetaData, create_engine, select
+
+from hrf_batch.cli import EXIT_PARTIAL, main
+from hrf_batch.config import Settings, load_settings
+from hrf_batch.ingest import ingest_study
+from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
+from hrf_batch.workers import TEST_EXIT_AT, worker_device
+
+from conftest import save_tiny_model
+from conftest_store import row_counts
+
+SPEC = StudySpec(patients=2, visits=1, bscans=3, width=64, height=64)
+N_VOLUMES = 4  # both eyes of 2 patients x 1 visit
+FLAGS = {"model": None, "device": "cpu", "segmenter": "region", "max_iterations": 2, "lesion_filter": False,
+         "retina_band": False}
+# per-row values that differ between any two ingests: ids, links by id, times
+IGNORED = {"id", "started_at", "finished_at", "seconds", "recorded_at"}
+TABLES = ("volumes", "runs", "bscans", "lesions")
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("study") / "study"
+    write_synthetic_study(folder, SPEC)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def serial_url(tmp_path_factory: pytest.TempPathFactory, study: Path, tiny_model: Path) -> str:
+    """A serial ingest of the study into a database of its own: the reference."""
+    url = f"sqlite:///{tmp_path_factory.mktemp('serial') / 'serial.sqlite'}"
+    summary = ingest_study(study, load_settings({**FLAGS, "model": str(tiny_model), "db": url}, env={}), progress=False)
+    assert (summary.processed, summary.failed) == (N_VOLUMES, 0)
+    return url
+
+
+def _ingest(study: Path, url: str, model: Path, *extra: str) -> Any:
+    args = ["ingest", str(study), "--db", url, "--model", str(model), "--device", "cpu", "--segmenter", "region",
+            "--max-iterations", "2", "--no-lesion-filter", "--no-retina-band", "--quiet", *extra]
+    return CliRunner().invoke(main, args)
+
+
+def _plain(row: Any) -> dict[str, Any]:
+    """A row without ids, links by id and times; JSON text and memoryviews as values."""
+    out = {}
+    for name, value in row._mapping.items():
+        if name in IGNORED or name.endswith("_pk"):
+            continue
+        if isinstance(value, memoryview):
+            value = bytes(value)
+        elif isinstance(value, str) and value.startswith(("[", "{")):
+            value = json.loads(value)
+        out[name] = value
+    return out
+
+
+def _stored(url: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """Per volume (source sha256, series uid): its row, its runs, every B-scan and every lesion."""
+    engine = create_engine(url)
+    meta = MetaData()
+    try:
+        meta.reflect(engine, only=TABLES)
+        with engine.connect() as conn:
+            rows = {t: conn.execute(select(meta.tables[t])).all() for t in TABLES}
+    finally:
+        engine.dispose()
+    volume_of = {v.id: (v.source_sha256, v.series_uid) for v in rows["volumes"]}
+    run_volume = {r.id: volume_of[r.volume_pk] for r in rows["runs"]}
+    bscan_of = {b.id: (run_volume[b.run_pk], b.bscan_index) for b in rows["bscans"]}
+    out: dict[tuple[str, str], dict[str, Any]] = {
+        key: {"volume": _plain(v), "runs": [], "bscans": {}, "lesions": {}}
+        for v in rows["volumes"] for key in [volume_of[v.id]]}
+    for r in rows["runs"]:
+        out[run_volume[r.id]]["runs"].append(_plain(r))
+    for b in rows["bscans"]:
+        key, index = bscan_of[b.id]
+        assert index not in out[key]["bscans"], f"B-scan {index} of {key} stored twice"
+        out[key]["bscans"][index] = _plain(b)
+    for lesion in rows["lesions"]:
+        key, index = bscan_of[lesion.bscan_pk]
+        out[key]["lesions"][(index, lesion.lesion_index)] = _plain(lesion)
+    return out
+
+
+def test_two_workers_store_what_a_serial_ingest_stores(store_url: str, study: Path, tiny_model: Path,
+                                                       serial_url: str) -> None:
+    result = _ingest(study, store_url, tiny_model, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert f"volumes: {N_VOLUMES} processed, 0 already done (skipped), 0 failed" in result.output
+    assert "files not OCT (skipped): 7" in result.output  # the ground-truth files, as the serial ingest counts them
+    reference = _stored(serial_url)
+    assert len(reference) == N_VOLUMES and sum(len(v["lesions"]) for v in reference.values()) > 0
+    assert _stored(store_url) == reference
+
+
+def test_a_rerun_with_workers_after_a_serial_ingest_skips_everything(study: Path, tiny_model: Path,
+                                                                     serial_url: str) -> None:
+    before = row_counts(serial_url, TABLES)
+    result = _ingest(study, serial_url, tiny_model, "--workers", "2")
+    assert result.exit_code == 0, result.output
+    assert f"volumes: 0 processed, {N_VOLUMES} already done (skipped), 0 failed" in result.output
+    assert row_counts(serial_url, TABLES) == before
+
+
+def test_a_worker_that_dies_fails_only_its_file_and_the_next_ingest_completes_the_study(
+        tmp_path: Path, study: Path, tiny_model: Path, serial_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    doomed = sorted(study.rglob("*.vol"))[0]
+    url = f"sqlite:///{tmp_path / 'killed.sqlite'}"
+    monkeypatch.setenv(TEST_EXIT_AT, doomed.name)  # the worker handed this file ends with exit code 9
+    result = _ingest(study, url, tiny_model, "--workers", "2")
+    assert result.exit_code == EXIT_PARTIAL, result.output
+    assert f"volumes: {N_VOLUMES - 1} processed, 0 already done (skipped), 1 failed" in result.output
+    failed = re.search(r"FAILED (.*?): (.*)", result.output)
+    assert failed and failed.group(1) == str(doomed), result.output
+    assert "worker process computing it ended with exit code 9" in failed.group(2)
+    assert "run the ingest again" in failed.group(2)
+    assert row_counts(url, ("ingest_errors",)) == {"ingest_errors": 7 + 1}
+
+    monkeypatch.delenv(TEST_EXIT_AT)
+    again = _ingest(study, url, tiny_model, "--workers", "2")
+    assert again.exit_code == 0, again.output
+    assert f"volumes: 1 processed, {N_VOLUMES - 1} already done (skipped), 0 failed" in again.output
+    assert _stored(url) == _stored(serial_url)  # no B-scan twice, none missing
+
+
+@pytest.mark.parametrize(("devices", "message"), [
+    ("0,x", "is not a comma-separated list of CUDA device numbers"),
+    ("0,-1", "has a negative device number"),
+    ("0", "names CUDA devices but CUDA is not available here"),
+])
+def test_bad_devices_are_refused_before_anything_runs(tmp_path: Path, study: Path, tiny_model: Path, devices: str,
+                                                      message: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    db = tmp_path / "never.sqlite"
+    result = _ingest(study, str(db), tiny_model, "--workers", "2", "--devices", devices)
+    assert result.exit_code == 1, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not db.exists()
+
+
+def test_devices_go_round_robin_and_without_them_every_worker_uses_the_settings_device() -> None:
+    settings = Settings(device="cpu")
+    assert [worker_device(settings, i, [0, 1]) for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert [worker_device(settings, i, None) for i in range(2)] == ["cpu", "cpu"]
