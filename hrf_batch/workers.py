@@ -25,6 +25,7 @@ import dataclasses
 import logging
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -169,7 +170,7 @@ class _Driver:
         while not worker.eof and worker.conn.poll():
             try:
                 message = worker.conn.recv()
-            except EOFError:
+            except (EOFError, ConnectionResetError):  # reset: it died before reading what it was sent
                 worker.eof = True
                 return
             self._handle(worker, message)
@@ -201,7 +202,9 @@ class _Driver:
                 log.warning("worker %d ended with exit code %s after its last source", worker.job.index, code)
             return
         path = display_text(source.path)
-        reason = (f"{path}: the worker process computing it ended with exit code {code} (killed, or out of memory?); "
+        killed = code is not None and code < 0
+        how = f"was ended by signal {_signal_name(-code)}" if killed else f"ended with exit code {code}"
+        reason = (f"{path}: the worker process computing it {how}, perhaps killed or out of memory; "
                   "the other files went on — run the ingest again to compute this file")
         log.error(reason)
         self.summary.add(record_issue(self.store, FileIssue(source.path, reason, "error"), self.summary.batch_id))
@@ -225,10 +228,19 @@ class _Driver:
             worker.conn.close()
 
 
+def _signal_name(number: int) -> str:
+    try:
+        return f"{number} ({signal.Signals(number).name})"
+    except ValueError:
+        return str(number)
+
+
 def worker_main(job: WorkerJob, conn: Connection) -> None:
     """A worker process: load the models once, then compute each source the driver hands over until it sends None."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the driver ends the workers
     logging.basicConfig(level=job.log_level, format=f"%(levelname)s worker {job.index} %(name)s: %(message)s")
+    # no bar is shown here: a plain lock, since tqdm's process-shared default is reported leaked when a worker is killed
+    tqdm.set_lock(threading.RLock())
     import torch
 
     torch.set_num_threads(job.torch_threads)
