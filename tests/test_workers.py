@@ -165,3 +165,9 @@ def test_devices_go_round_robin_and_without_them_every_worker_uses_the_settings_
     settings = Settings(device="cpu")
     assert [worker_device(settings, i, [0, 1]) for i in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
     assert [worker_device(settings, i, None) for i in range(2)] == ["cpu", "cpu"]
+
+
+def test_a_worker_that_cannot_load_the_model_stops_the_ingest_with_its_message(tmp_path: Path, study: Path) -> None:
+    result = _ingest(study, str(tmp_path / "db.sqlite"), tmp_path / "no-model", "--workers", "2")
+    assert result.exit_code == 1, result.output
+    assert "stopped: model folder not found" in result.output and "Traceback" not in result.output
