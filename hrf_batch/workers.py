@@ -14,9 +14,9 @@ out of memory) leaves that source recorded as failed, naming the file and the ex
 workers carry on. Its claim ends with the process, and no done run exists, so the next ingest computes
 the source again. Ctrl-C ends every worker; what is already stored stays.
 
-Test hook: when the environment variable named by :data:`TEST_EXIT_AT` holds a file name, a worker
-that is handed a source of that name ends at once with exit code 9, as a killed worker would. It is
-read in the worker processes only and exists for the tests of the dead-worker handling.
+Test hook: when the environment variable named by :data:`TEST_EXIT_AT` holds file names (comma-separated),
+a worker that is handed a source of one of those names ends at once with exit code 9, as a killed worker
+would. It is read in the worker processes only and exists for the tests of the dead-worker handling.
 """
 
 from __future__ import annotations
@@ -137,8 +137,18 @@ class _Driver:
             self._start()
             while not all(self._ended(w) for w in self.workers):
                 self._step()
+            self._fail_leftovers()
         finally:
             self._stop_all()
+
+    def _fail_leftovers(self) -> None:
+        """Sources no worker was left to compute (every worker died): failed, so a rerun computes them."""
+        while self.pending:
+            source = self.pending.pop()
+            reason = (f"{display_text(source.path)}: not computed, every worker process had ended; "
+                      "run the ingest again to compute this file")
+            self.summary.add(record_issue(self.store, FileIssue(source.path, reason, "error"), self.summary.batch_id))
+            self.bar.update(1)
 
     def _start(self) -> None:
         ctx = get_context("spawn")
@@ -190,8 +200,11 @@ class _Driver:
         worker.holding = self.pending.pop() if self.pending else None
         try:
             worker.conn.send(worker.holding)
-        except (BrokenPipeError, ConnectionResetError):
-            log.debug("worker %d ended before it was handed its next source", worker.job.index)
+        except (BrokenPipeError, ConnectionResetError):  # its end is handled once its process has ended
+            log.warning("worker %d ended before it was handed its next source", worker.job.index)
+            if worker.holding is not None:  # never started: another worker computes it
+                self.pending.append(worker.holding)
+                worker.holding = None
 
     def _finish(self, worker: _Worker) -> None:
         """A worker that ended holding a source failed it; that failure is recorded and the others go on."""
@@ -262,7 +275,7 @@ def _work(job: WorkerJob, conn: Connection) -> None:
     with open_store(job.settings.db) as store:
         ctx = IngestContext(store, models, job.batch_id)
         while (source := _next_source(conn)) is not None:
-            if os.environ.get(TEST_EXIT_AT) == source.path.name:
+            if source.path.name in os.environ.get(TEST_EXIT_AT, "").split(","):
                 os._exit(_TEST_EXIT_CODE)
             for item in read_sources([source]):  # the serial reading path: a bad file is an issue, not an abort
                 outcome = (record_issue(store, item, job.batch_id) if isinstance(item, FileIssue)

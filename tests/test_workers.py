@@ -171,3 +171,14 @@ def test_a_worker_that_cannot_load_the_model_stops_the_ingest_with_its_message(t
     result = _ingest(study, str(tmp_path / "db.sqlite"), tmp_path / "no-model", "--workers", "2")
     assert result.exit_code == 1, result.output
     assert "stopped: model folder not found" in result.output and "Traceback" not in result.output
+
+
+def test_sources_left_when_every_worker_has_died_are_failed_not_lost(tmp_path: Path, study: Path, tiny_model: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    first_two = [p.name for p in sorted(study.rglob("*.vol"))]  # discovery order: each worker's first source
+    monkeypatch.setenv(TEST_EXIT_AT, ",".join(first_two))
+    result = _ingest(study, str(tmp_path / "db.sqlite"), tiny_model, "--workers", "2")
+    assert result.exit_code == EXIT_PARTIAL, result.output
+    assert "volumes: 0 processed, 0 already done (skipped), 4 failed" in result.output
+    assert result.output.count("every worker process had ended") == 2
+    assert result.output.count("ended with exit code 9") == 2
