@@ -33,7 +33,7 @@ from hrf_batch.io.discover import FileIssue, discover, display_text, read_source
 from hrf_batch.io.volume import Volume
 from hrf_batch.model.classify import Classifier, load_classifier
 from hrf_batch.pipeline import PipelineParams, run_info, run_volume
-from hrf_batch.results import RunInfo, VolumeResult
+from hrf_batch.results import RunInfo
 from hrf_batch.segment import Segmenter, make_segmenter
 from hrf_batch.store import Claim, Store, StoreError, open_store, utc_now
 

@@ -20,8 +20,8 @@ import pytest
 from click.testing import CliRunner
 
 from hrf_batch.cli import SAM2_SIZES, main
+from hrf_batch.io.hashing import sha256_file as sha256_of
 from hrf_batch.segment import CHECKPOINT_ENV, SAM2_MODELS, default_checkpoint_dir, sam2_status, weights
-from hrf_batch.segment.fetch import sha256_of
 
 TINY_FILE = "sam2.1_hiera_tiny.pt"
 

@@ -14,7 +14,6 @@ is built only to check a file.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hrf_batch.errors import HrfBatchError, one_line
+from hrf_batch.io.hashing import sha256_file
 from hrf_batch.segment.weights import SegmenterSetupError, default_checkpoint_dir, require_checkpoint, sam2_spec
 
 DOWNLOAD_TIMEOUT_S = 30.0  # per connect / read; an official file takes minutes, but never a silent minute
@@ -75,15 +75,6 @@ def offline_hint(size: str, folder: Path) -> str:
             f"  2. copy the file to this machine and run\n"
             f"       {fetch_command(spec.size, folder)}\n"
             f"     with FILE the copied file; it is checked, then installed as {folder / spec.filename}")
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, read in chunks (checkpoints are up to ~900 MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def download(url: str, dest: Path, *, progress: bool = True, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
@@ -159,7 +150,7 @@ def _action(target: Path, digest: str, *, force: bool) -> str:
     "unchanged" (the same file is there) or "replaced" (a different one, only with ``force``)."""
     if not target.exists():
         return "installed"
-    if target.is_file() and sha256_of(target) == digest:
+    if target.is_file() and sha256_file(target) == digest:
         return "unchanged"
     if not force:
         raise SegmenterSetupError(f"{target} already holds a different file",
@@ -186,7 +177,7 @@ def install(src: Path, size: str, folder: Path, *, force: bool = False) -> Insta
     spec = sam2_spec(size)
     target = folder / spec.filename
     check_loads(src, spec.size)
-    digest = sha256_of(src)
+    digest = sha256_file(src)
     action = _action(target, digest, force=force)
     if action == "unchanged":
         return Installed(target, digest, action)
@@ -196,7 +187,7 @@ def install(src: Path, size: str, folder: Path, *, force: bool = False) -> Insta
         except OSError as exc:
             raise SegmenterSetupError(f"cannot copy {src} to {folder} ({exc.strerror or one_line(exc)})",
                                       "check the permissions and the free space, or pass --to DIR") from exc
-        if sha256_of(temp) != digest:
+        if sha256_file(temp) != digest:
             raise SegmenterSetupError(f"{src} changed while it was copied", "run the command again")
         _rename(temp, target)
     return Installed(target, digest, action)
@@ -214,7 +205,7 @@ def fetch(size: str, folder: Path, *, force: bool = False, progress: bool = True
     spec = sam2_spec(size)
     target = folder / spec.filename
     if target.is_file() and not force:
-        return Installed(target, sha256_of(target), "present")
+        return Installed(target, sha256_file(target), "present")
     with _temp_file(folder, spec.filename) as temp:
         try:
             download(spec.url, temp, progress=progress, timeout=timeout)
@@ -227,7 +218,7 @@ def fetch(size: str, folder: Path, *, force: bool = False, progress: bool = True
             raise SegmenterSetupError(
                 f"the file downloaded from {spec.url} was refused: {exc.problem.replace(str(temp), 'it')}",
                 "nothing was installed; try again later\n" + offline_hint(spec.size, folder)) from exc
-        digest = sha256_of(temp)
+        digest = sha256_file(temp)
         action = _action(target, digest, force=force)
         if action != "unchanged":
             _rename(temp, target)
