@@ -75,6 +75,27 @@ def save_tiny_model(folder: Path, *, threshold: float = 0.0, seed: int = 0) -> P
     return folder
 
 
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random-initialised tiny CCT saved through the real model-file writer."""
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+#: A study small enough to ingest several times in one test module: both eyes of 2 patients at 1 visit.
+SMALL_STUDY_SPEC_ARGS = {"patients": 2, "visits": 1, "bscans": 3, "width": 64, "height": 64}
+SMALL_STUDY_VOLUMES = 4
+
+
+@pytest.fixture(scope="module")
+def small_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic study of :data:`SMALL_STUDY_VOLUMES` volumes (HEYEX .vol files and DICOM series)."""
+    from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
+
+    folder = tmp_path_factory.mktemp("study") / "study"
+    write_synthetic_study(folder, StudySpec(**SMALL_STUDY_SPEC_ARGS))
+    return folder
+
+
 def readme_queries() -> list[str]:
     """The SQL examples of the README, as written there (statements of its ```sql blocks)."""
     readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")

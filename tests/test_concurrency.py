@@ -28,11 +28,10 @@ from hrf_batch.store import Claim, StoreError, open_store
 from hrf_batch.store import engine as store_engine
 from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 
-from conftest import PROJECT_ROOT, save_tiny_model
+from conftest import PROJECT_ROOT, SMALL_STUDY_SPEC_ARGS, SMALL_STUDY_VOLUMES
 
 TESTS = Path(__file__).resolve().parent
-SPEC = StudySpec(patients=2, visits=1, bscans=3, width=64, height=64)
-N_VOLUMES = 4  # both eyes of 2 patients x 1 visit
+N_VOLUMES = SMALL_STUDY_VOLUMES
 SUMMARY = re.compile(r"volumes: (\d+) processed, (\d+) already done \(skipped\), (\d+) failed, "
                      r"(\d+) being processed by another ingest \(skipped\)")
 
@@ -78,26 +77,14 @@ sys.stdin.read()
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("study") / "study"
-    write_synthetic_study(folder, SPEC)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def serial_results(tmp_path_factory: pytest.TempPathFactory, study: Path, tiny_model: Path) -> dict[tuple, Any]:
+def serial_results(tmp_path_factory: pytest.TempPathFactory, small_study: Path, tiny_model: Path) -> dict[tuple, Any]:
     """The per-B-scan results of one ingest alone into a fresh database (the reference)."""
     from hrf_batch.config import load_settings
     from hrf_batch.ingest import ingest_study
 
     url = f"sqlite:///{tmp_path_factory.mktemp('serial') / 'serial.sqlite'}"
     flags = {"db": url, "model": str(tiny_model), "device": "cpu", "segmenter": "region", "max_iterations": 2}
-    summary = ingest_study(study, load_settings(flags, env={}), progress=False)
+    summary = ingest_study(small_study, load_settings(flags, env={}), progress=False)
     assert (summary.processed, summary.failed) == (N_VOLUMES, 0)
     return _results(url)
 
@@ -173,16 +160,16 @@ def _ingests_at_once(sync: Path, studies: list[Path], url: str, model: Path) -> 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_ingests_at_once_split_a_study_and_add_another_as_one_alone_would(
-        backend: str, tmp_path: Path, request: pytest.FixtureRequest, study: Path, tiny_model: Path,
+        backend: str, tmp_path: Path, request: pytest.FixtureRequest, small_study: Path, tiny_model: Path,
         serial_results: dict[tuple, Any]) -> None:
     """Two ingests of one study and a third of another study (same patient ids and visit dates, so all
     three write the same patients) on one new database at once."""
     other = tmp_path / "other"
-    write_synthetic_study(other, StudySpec(patients=2, visits=1, bscans=3, width=64, height=64, seed=5))
+    write_synthetic_study(other, StudySpec(**SMALL_STUDY_SPEC_ARGS, seed=5))
     url = f"sqlite:///{tmp_path / 'shared.sqlite'}" if backend == "sqlite" else request.getfixturevalue(
         "pg_cluster").create_database()
     started = time.perf_counter()
-    *same, third = _ingests_at_once(tmp_path / "sync", [study, study, other], url, tiny_model)
+    *same, third = _ingests_at_once(tmp_path / "sync", [small_study, small_study, other], url, tiny_model)
     print(f"\n{backend}: three ingests at once {time.perf_counter() - started:.1f} s; (processed, already done, "
           f"failed, being processed elsewhere) of the two on one study: {same}, of the other study's: {third}")
     for processed, done, failed, elsewhere in same:
@@ -192,7 +179,7 @@ def test_ingests_at_once_split_a_study_and_add_another_as_one_alone_would(
     assert third == (N_VOLUMES, 0, 0, 0)
     assert _table_counts(url) == (2 * N_VOLUMES, {"done"}, 2 * N_VOLUMES, 2, 2)
     stored = _results(url)
-    assert {k: v for k, v in stored.items() if k[0].startswith(str(study))} == serial_results
+    assert {k: v for k, v in stored.items() if k[0].startswith(str(small_study))} == serial_results
     assert len(stored) > len(serial_results)
 
 

@@ -38,7 +38,7 @@ from hrf_batch.report.sources import SourceReader
 from hrf_batch.results import BScanResult, RunInfo, VolumeResult
 from hrf_batch.store import StoreError, open_store, upgrade
 
-from conftest import make_test_volume, save_tiny_model
+from conftest import make_test_volume
 
 SHA = "ab" * 32
 RUN = RunInfo(model_id="TEST-ONLY-identifiers", segmenter="none (test)", segmenter_checkpoint_sha256=None,
@@ -46,11 +46,6 @@ RUN = RunInfo(model_id="TEST-ONLY-identifiers", segmenter="none (test)", segment
 NAME_PARTS = ("Zyxwort", "Quillane")
 BIRTH = date(1931, 7, 29)
 BIRTH_FORMS = ("1931-07-29", "19310729", "29.07.1931", "07/29/1931", "29/07/1931", "1931.07.29")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def ingest_args(db: str | Path, model: Path) -> list[str]:

@@ -17,15 +17,9 @@ from click.testing import CliRunner
 from hrf_batch.cli import EXIT_PARTIAL, main
 from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 
-from conftest import readme_queries, save_tiny_model
+from conftest import readme_queries
 
 TABLES = ("patients", "visits", "volumes", "runs", "bscans", "lesions", "ingest_errors")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A random-initialised tiny CCT saved through the real model-file writer."""
-    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
 
 
 def _counts(db: Path) -> dict[str, int]:

@@ -19,14 +19,12 @@ from sqlalchemy import MetaData, create_engine, select
 from hrf_batch.cli import EXIT_PARTIAL, main
 from hrf_batch.config import Settings, load_settings
 from hrf_batch.ingest import ingest_study
-from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 from hrf_batch.workers import TEST_EXIT_AT, worker_device
 
-from conftest import save_tiny_model
+from conftest import SMALL_STUDY_VOLUMES
 from conftest_store import row_counts
 
-SPEC = StudySpec(patients=2, visits=1, bscans=3, width=64, height=64)
-N_VOLUMES = 4  # both eyes of 2 patients x 1 visit
+N_VOLUMES = SMALL_STUDY_VOLUMES
 FLAGS = {"model": None, "device": "cpu", "segmenter": "region", "max_iterations": 2, "lesion_filter": False,
          "retina_band": False}
 # per-row values that differ between any two ingests: ids, links by id, times
@@ -35,22 +33,10 @@ TABLES = ("volumes", "runs", "bscans", "lesions")
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("study") / "study"
-    write_synthetic_study(folder, SPEC)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def serial_url(tmp_path_factory: pytest.TempPathFactory, study: Path, tiny_model: Path) -> str:
+def serial_url(tmp_path_factory: pytest.TempPathFactory, small_study: Path, tiny_model: Path) -> str:
     """A serial ingest of the study into a database of its own: the reference."""
     url = f"sqlite:///{tmp_path_factory.mktemp('serial') / 'serial.sqlite'}"
-    summary = ingest_study(study, load_settings({**FLAGS, "model": str(tiny_model), "db": url}, env={}), progress=False)
+    summary = ingest_study(small_study, load_settings({**FLAGS, "model": str(tiny_model), "db": url}, env={}), progress=False)
     assert (summary.processed, summary.failed) == (N_VOLUMES, 0)
     return url
 
@@ -103,9 +89,9 @@ def _stored(url: str) -> dict[tuple[str, str], dict[str, Any]]:
     return out
 
 
-def test_two_workers_store_what_a_serial_ingest_stores(store_url: str, study: Path, tiny_model: Path,
+def test_two_workers_store_what_a_serial_ingest_stores(store_url: str, small_study: Path, tiny_model: Path,
                                                        serial_url: str) -> None:
-    result = _ingest(study, store_url, tiny_model, "--workers", "2")
+    result = _ingest(small_study, store_url, tiny_model, "--workers", "2")
     assert result.exit_code == 0, result.output
     assert f"volumes: {N_VOLUMES} processed, 0 already done (skipped), 0 failed" in result.output
     assert "files not OCT (skipped): 7" in result.output  # the ground-truth files, as the serial ingest counts them
@@ -114,21 +100,21 @@ def test_two_workers_store_what_a_serial_ingest_stores(store_url: str, study: Pa
     assert _stored(store_url) == reference
 
 
-def test_a_rerun_with_workers_after_a_serial_ingest_skips_everything(study: Path, tiny_model: Path,
+def test_a_rerun_with_workers_after_a_serial_ingest_skips_everything(small_study: Path, tiny_model: Path,
                                                                      serial_url: str) -> None:
     before = row_counts(serial_url, TABLES)
-    result = _ingest(study, serial_url, tiny_model, "--workers", "2")
+    result = _ingest(small_study, serial_url, tiny_model, "--workers", "2")
     assert result.exit_code == 0, result.output
     assert f"volumes: 0 processed, {N_VOLUMES} already done (skipped), 0 failed" in result.output
     assert row_counts(serial_url, TABLES) == before
 
 
 def test_a_worker_that_dies_fails_only_its_file_and_the_next_ingest_completes_the_study(
-        tmp_path: Path, study: Path, tiny_model: Path, serial_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    doomed = sorted(study.rglob("*.vol"))[0]
+        tmp_path: Path, small_study: Path, tiny_model: Path, serial_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    doomed = sorted(small_study.rglob("*.vol"))[0]
     url = f"sqlite:///{tmp_path / 'killed.sqlite'}"
     monkeypatch.setenv(TEST_EXIT_AT, doomed.name)  # the worker handed this file ends with exit code 9
-    result = _ingest(study, url, tiny_model, "--workers", "2")
+    result = _ingest(small_study, url, tiny_model, "--workers", "2")
     assert result.exit_code == EXIT_PARTIAL, result.output
     assert f"volumes: {N_VOLUMES - 1} processed, 0 already done (skipped), 1 failed" in result.output
     failed = re.search(r"FAILED (.*?): (.*)", result.output)
@@ -138,7 +124,7 @@ def test_a_worker_that_dies_fails_only_its_file_and_the_next_ingest_completes_th
     assert row_counts(url, ("ingest_errors",)) == {"ingest_errors": 7 + 1}
 
     monkeypatch.delenv(TEST_EXIT_AT)
-    again = _ingest(study, url, tiny_model, "--workers", "2")
+    again = _ingest(small_study, url, tiny_model, "--workers", "2")
     assert again.exit_code == 0, again.output
     assert f"volumes: 1 processed, {N_VOLUMES - 1} already done (skipped), 0 failed" in again.output
     assert _stored(url) == _stored(serial_url)  # no B-scan twice, none missing
@@ -149,13 +135,13 @@ def test_a_worker_that_dies_fails_only_its_file_and_the_next_ingest_completes_th
     ("0,-1", "has a negative device number"),
     ("0", "names CUDA devices but CUDA is not available here"),
 ])
-def test_bad_devices_are_refused_before_anything_runs(tmp_path: Path, study: Path, tiny_model: Path, devices: str,
+def test_bad_devices_are_refused_before_anything_runs(tmp_path: Path, small_study: Path, tiny_model: Path, devices: str,
                                                       message: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     db = tmp_path / "never.sqlite"
-    result = _ingest(study, str(db), tiny_model, "--workers", "2", "--devices", devices)
+    result = _ingest(small_study, str(db), tiny_model, "--workers", "2", "--devices", devices)
     assert result.exit_code == 1, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not db.exists()
@@ -167,17 +153,17 @@ def test_devices_go_round_robin_and_without_them_every_worker_uses_the_settings_
     assert [worker_device(settings, i, None) for i in range(2)] == ["cpu", "cpu"]
 
 
-def test_a_worker_that_cannot_load_the_model_stops_the_ingest_with_its_message(tmp_path: Path, study: Path) -> None:
-    result = _ingest(study, str(tmp_path / "db.sqlite"), tmp_path / "no-model", "--workers", "2")
+def test_a_worker_that_cannot_load_the_model_stops_the_ingest_with_its_message(tmp_path: Path, small_study: Path) -> None:
+    result = _ingest(small_study, str(tmp_path / "db.sqlite"), tmp_path / "no-model", "--workers", "2")
     assert result.exit_code == 1, result.output
     assert "stopped: model folder not found" in result.output and "Traceback" not in result.output
 
 
-def test_sources_left_when_every_worker_has_died_are_failed_not_lost(tmp_path: Path, study: Path, tiny_model: Path,
+def test_sources_left_when_every_worker_has_died_are_failed_not_lost(tmp_path: Path, small_study: Path, tiny_model: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    first_two = [p.name for p in sorted(study.rglob("*.vol"))]  # discovery order: each worker's first source
+    first_two = [p.name for p in sorted(small_study.rglob("*.vol"))]  # discovery order: each worker's first source
     monkeypatch.setenv(TEST_EXIT_AT, ",".join(first_two))
-    result = _ingest(study, str(tmp_path / "db.sqlite"), tiny_model, "--workers", "2")
+    result = _ingest(small_study, str(tmp_path / "db.sqlite"), tiny_model, "--workers", "2")
     assert result.exit_code == EXIT_PARTIAL, result.output
     assert "volumes: 0 processed, 0 already done (skipped), 4 failed" in result.output
     assert result.output.count("every worker process had ended") == 2
