@@ -44,6 +44,8 @@ from test_hostile_input import (
     _tiff_declaring,
     _vol_with,
     _xml,
+    _xml_with_overflowing_hour,
+    _xml_without_localizer,
 )
 
 RSS_LIMIT_KB = 2 * 1024 * 1024  # 2 GiB
@@ -79,10 +81,8 @@ def _build_corpus(root: Path, fixtures: Path) -> tuple[list[Path], list[Path]]:
         _e2e_missing_one_bscan(hostile),
     ]
     bad += [_nan_first_bscan_vol(hostile, "nan_pixels.vol"), _sparse_vol(hostile, "sparse_over_budget.vol", 2048, 1024, 1024)]
-    xml_hour = _xml(hostile / "xml_hour")
-    xml_hour.write_text(re.sub(r"<Hour>[^<]*</Hour>", "<Hour>99999999999999999999</Hour>", xml_hour.read_text()))
-    xml_missing = _xml(hostile / "xml_missing_tiff")
-    (xml_missing.parent / "x_NIR.tif").unlink()
+    xml_hour = _xml_with_overflowing_hour(hostile / "xml_hour")
+    xml_missing = _xml_without_localizer(hostile / "xml_missing_tiff")
     xml_bomb = _xml(hostile / "xml_bomb")
     _tiff_declaring(xml_bomb.parent / "x_B2.tif", 12000, 12000)
     bad += [

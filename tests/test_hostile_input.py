@@ -131,6 +131,20 @@ def _edit_xml(xml: Path, tag: str, text: str) -> Path:
     return xml
 
 
+def _xml_with_overflowing_hour(folder: Path) -> Path:
+    """An XML export whose every <Hour> is a number no clock has."""
+    xml = _xml(folder)
+    xml.write_text(re.sub(r"<Hour>[^<]*</Hour>", "<Hour>99999999999999999999</Hour>", xml.read_text()))
+    return xml
+
+
+def _xml_without_localizer(folder: Path) -> Path:
+    """An XML export whose localizer TIFF is missing."""
+    xml = _xml(folder)
+    (xml.parent / "x_NIR.tif").unlink()
+    return xml
+
+
 def _dicom(folder: Path, edit: Callable[[Dataset], None]) -> Path:
     """A multi-frame OCT DICOM written by the project's writer, edited, saved again; its localizer lies beside it."""
     oct_path = write_dicom_oct(make_test_volume(2, H, W, fmt="dicom-oct"), folder)[0]
@@ -440,11 +454,8 @@ def test_study_with_bad_files_next_to_a_good_one(tmp_path: Path) -> None:
         _e2e_missing_one_bscan(study),
     ]
     bad += [_nan_first_bscan_vol(study, "nan_pixels.vol"), _sparse_vol(study, "sparse.vol", 2048, 1024, 1024)]
-    xml_hour = _xml(study / "xml_hour")
-    xml_hour.write_text(re.sub(r"<Hour>[^<]*</Hour>", "<Hour>99999999999999999999</Hour>", xml_hour.read_text()))
-    xml_missing = _xml(study / "xml_missing")
-    (xml_missing.parent / "x_NIR.tif").unlink()
-    bad += [xml_hour, xml_missing, _dicom(study / "dicom_rle", _compressed_claim(RLELossless, 100000, 65535, 65535))]
+    bad += [_xml_with_overflowing_hour(study / "xml_hour"), _xml_without_localizer(study / "xml_missing"),
+            _dicom(study / "dicom_rle", _compressed_claim(RLELossless, 100000, 65535, 65535))]
 
     items = list(iter_study(study))
     volumes = [v for v in items if isinstance(v, Volume)]
