@@ -18,10 +18,10 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, text
 
+from hrf_batch.anatomy.etdrs import subfield_areas_mm2
 from hrf_batch.io.volume import LayerLines
 from hrf_batch.report import export_cohort
 from hrf_batch.results import (
-    ETDRS_RADII_MM,
     SUBFIELDS,
     ZONE_UNKNOWN,
     ZONES,
@@ -42,9 +42,7 @@ from conftest_store import row_counts
 ASSETS = Path(__file__).with_name("assets")
 SHAPE = (40, 64)
 LATERAL_MM, AXIAL_MM = 0.01182, 0.00387  # make_test_volume's spacing
-R0, R1, R2 = ETDRS_RADII_MM
-GRID_AREA = {"C0": math.pi * R0**2, **{f"{q}1": math.pi * (R1**2 - R0**2) / 4 for q in "SNIT"},
-             **{f"{q}2": math.pi * (R2**2 - R1**2) / 4 for q in "SNIT"}}
+GRID_AREA = subfield_areas_mm2()  # the grid the pipeline places lesions on (values checked in test_fovea_etdrs)
 TABLES = ("patients", "visits", "volumes", "runs", "bscans", "lesions")
 
 

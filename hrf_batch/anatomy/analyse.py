@@ -40,6 +40,5 @@ def analyse(volume: Volume) -> VolumeAnatomy:
     width = volume.bscan_shape[1]
     thickness = thickness_map(layers, spacing.axial_mm)
     fovea, note = find_fovea(thickness, volume.meta, width)
-    per_subfield = etdrs_thickness(thickness, volume.meta, fovea, width) if fovea is not None and thickness is not None else {}
     return VolumeAnatomy(layers=layers, fovea=fovea, fovea_note=note, thickness_um=thickness,
-                         etdrs_thickness_um=per_subfield)
+                         etdrs_thickness_um=etdrs_thickness(thickness, volume.meta, fovea, width))

@@ -12,8 +12,8 @@ import numpy as np
 from hrf_batch.io.volume import LayerLines
 from hrf_batch.results import ZONE_UNKNOWN
 
-# (boundary that ends the zone, zone above it), top to bottom; a pixel below every boundary is below BM
-_ORDER = (("ILM", "above-ilm"), ("INL", "inner-retina"), ("ELM", "outer-retina"), ("BM", "elm-bm"))
+# inside ILM..BM: (boundary that ends the zone, the zone above it), top to bottom; below ELM is ELM-BM
+_INSIDE = (("INL", "inner-retina"), ("ELM", "outer-retina"))
 
 
 def _row_at(layers: LayerLines, name: str, bscan: int, col: float) -> float:
@@ -36,7 +36,7 @@ def zone_of(layers: LayerLines | None, bscan: int, row: float, col: float) -> st
         return "above-ilm"
     if row > bm:
         return "below-bm"
-    for name, zone in _ORDER[1:]:
+    for name, zone in _INSIDE:
         boundary = _row_at(layers, name, bscan, col)
         if np.isnan(boundary):
             return ZONE_UNKNOWN
