@@ -28,12 +28,12 @@ from hrf_batch.anatomy.etdrs import lesion_subfield
 from hrf_batch.anatomy.fovea import fovea_mm
 from hrf_batch.anatomy.zones import zone_of
 from hrf_batch.errors import LabelError
-from hrf_batch.evaluation.segmentation import labelled_volumes
+from hrf_batch.evaluation.segmentation import labelled_volumes, lesion_match
 from hrf_batch.io.ground_truth import AnatomyTruth, load_anatomy_truth
 from hrf_batch.io.volume import Volume
 from hrf_batch.model.classify import Classifier
 from hrf_batch.pipeline import PipelineParams, run_volume
-from hrf_batch.results import SUBFIELD_OUTSIDE, SUBFIELD_UNKNOWN, SUBFIELDS, Fovea, VolumeResult
+from hrf_batch.results import SUBFIELD_OUTSIDE, SUBFIELD_UNKNOWN, SUBFIELDS, Fovea, Lesion, VolumeResult
 from hrf_batch.segment import Segmenter
 
 BOUNDARIES = ("ILM", "INL", "ELM", "EZ", "BM")
@@ -69,6 +69,12 @@ def fovea_error_um(result: VolumeResult, true: Fovea) -> float | None:
     return float(np.hypot(found.x_mm - true.x_mm, found.y_mm - true.y_mm) * 1000.0)
 
 
+def hrfs_hit(gt: np.ndarray, les: Lesion) -> list[int]:
+    """The HRF label ids a found lesion overlaps (empty: a false lesion)."""
+    r0, c0, r1, c1 = les.bbox_rc
+    return [int(h) for h in np.unique(gt[r0:r1, c0:c1][les.mask]) if h > 0]
+
+
 def subfield_counts(volume: Volume, labels: np.ndarray, result: VolumeResult, true_fovea: Fovea) -> Counter:
     """Per subfield: 'true' HRFs, 'found' lesions, 'false' found lesions, 'missed' HRFs and 'moved'
     (matched pairs whose subfields differ, counted once in each of the two subfields)."""
@@ -84,9 +90,7 @@ def subfield_counts(volume: Volume, labels: np.ndarray, result: VolumeResult, tr
             out[(true_sub[k], "true")] += 1
         detected: set[int] = set()
         for les in b.lesions:
-            r0, c0, r1, c1 = les.bbox_rc
-            hit = np.unique(gt[r0:r1, c0:c1][les.mask])
-            hit = [int(h) for h in hit if h > 0]
+            hit = hrfs_hit(gt, les)
             out[(les.subfield, "found")] += 1
             if not hit:
                 out[(les.subfield, "false")] += 1
@@ -107,28 +111,10 @@ def false_lesion_zones(volume: Volume, labels: np.ndarray, result: VolumeResult,
     for b in result.bscans:
         gt = labels[b.index]
         for les in b.lesions:
-            r0, c0, r1, c1 = les.bbox_rc
-            if np.any(gt[r0:r1, c0:c1][les.mask] > 0):
+            if hrfs_hit(gt, les):
                 continue
             zone = zone_of(truth.layers, b.index, *les.centroid_rc)
             out[zone if zone in ("above-ilm", "below-bm") else "retina"] += 1
-    return out
-
-
-def _lesion_pr(volume: Volume, labels: np.ndarray, result: VolumeResult) -> Counter:
-    out: Counter = Counter()
-    for b in result.bscans:
-        comp = labels[b.index]  # one id per HRF
-        ids = set(np.unique(comp[comp > 0]).tolist())
-        detected: set[int] = set()
-        for les in b.lesions:
-            r0, c0, r1, c1 = les.bbox_rc
-            hit = {int(h) for h in np.unique(comp[r0:r1, c0:c1][les.mask]) if h > 0}
-            out["found"] += 1
-            out["true_positive"] += bool(hit)
-            detected |= hit
-        out["hrfs"] += len(ids)
-        out["detected"] += len(ids & detected)
     return out
 
 
@@ -161,7 +147,8 @@ def evaluate_anatomy(study_dir: Path, clf: Classifier, segmenter: Segmenter, par
             fovea_errors.append(err)
         per_subfield += subfield_counts(vol, labels, result, true_fovea)
         false_zones += false_lesion_zones(vol, labels, result, t)
-        lesions += _lesion_pr(vol, labels, result)
+        for b in result.bscans:  # the segmentation evaluation's lesion matching, on the kept lesions' mask
+            lesions.update(lesion_match(b.mask, labels[b.index], params.min_lesion_px))
     if n_volumes == 0:
         raise LabelError(f"no readable volume with ground truth in {study_dir}",
                          "check the study folder (see `hrf-batch scan`) or regenerate it")
@@ -179,10 +166,10 @@ def evaluate_anatomy(study_dir: Path, clf: Classifier, segmenter: Segmenter, par
                            "n_found": len(fovea_errors), "n_not_found": no_fovea},
         "etdrs": etdrs,
         "false_lesions_by_true_zone": {z: int(false_zones[z]) for z in ("above-ilm", "retina", "below-bm")},
-        "lesions": {"found": int(lesions["found"]), "true_positive": int(lesions["true_positive"]),
-                    "hrfs": int(lesions["hrfs"]), "detected": int(lesions["detected"]),
-                    "precision": lesions["true_positive"] / lesions["found"] if lesions["found"] else None,
-                    "recall": lesions["detected"] / lesions["hrfs"] if lesions["hrfs"] else None},
+        "lesions": {"found": int(lesions["n_pred_lesions"]), "true_positive": int(lesions["n_tp_lesions"]),
+                    "hrfs": int(lesions["n_gt_hrfs"]), "detected": int(lesions["n_detected_hrfs"]),
+                    "precision": lesions["n_tp_lesions"] / lesions["n_pred_lesions"] if lesions["n_pred_lesions"] else None,
+                    "recall": lesions["n_detected_hrfs"] / lesions["n_gt_hrfs"] if lesions["n_gt_hrfs"] else None},
     }
 
 
