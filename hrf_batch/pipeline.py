@@ -7,8 +7,8 @@ mean, and explain again; a B-scan stops when its score falls below ``stop_score`
 each iteration costs one forward+backward per active B-scan. Work stays batched across B-scans.
 The HRF count is the number of connected components of at least ``min_lesion_px`` pixels.
 
-Guards (each a parameter stored with the run; the lesion filter is on by default, the others
-off, as measured in the shipped model's card; all off gives the paper's loop):
+Guards (each a parameter stored with the run; the retina band and the lesion filter are on by
+default, the others off, as measured in the shipped model's card; all off gives the paper's loop):
 
 - ``score_drop_guard``: when inpainting what an iteration found does not lower the B-scan's
   (log-odds) score, that object was not what the model saw; it is dropped and the B-scan stops.
