@@ -1,7 +1,8 @@
 """The package's layout rule, checked on every run: imports point one way along the data flow.
 
 io ← anatomy, io ← model ← segment ← pipeline ← {evaluation ← training, ingest} ← cli, with the store and the
-reports beside them (store ← report), never importing torch or the model. The test reads every
+reports beside them (store ← report, store ← export), never importing torch or the model; the grader review
+(review) sits above the pipeline, the store and the evaluation. The test reads every
 module's ``import`` statements (also those inside functions and under TYPE_CHECKING) and fails on
 an import against the arrows or on a cycle between modules, so the rule stays true as code grows.
 """
@@ -36,8 +37,10 @@ ALLOWED: dict[str, set[str]] = {
     "training": {"io", "model", "evaluation"},  # validation during training uses the evaluation metrics
     "ingest": {"config", "io", "anatomy", "model", "segment", "pipeline", "results", "store"},
     "workers": {"config", "io", "anatomy", "model", "segment", "pipeline", "results", "store", "ingest"},
+    "export": {"io", "results", "store"},  # DICOM SEG/OCT and NIfTI: stored masks beside the source pixels
+    "review": {"config", "io", "anatomy", "model", "segment", "pipeline", "results", "store", "report", "evaluation"},
     "cli": {"config", "io", "synthetic", "anatomy", "model", "segment", "results", "pipeline", "store", "report", "evaluation",
-            "training", "ingest", "workers"},
+            "training", "ingest", "workers", "export", "review"},
     "__main__": {"cli"},
 }
 
@@ -139,7 +142,7 @@ def test_the_checks_catch_a_wrong_way_import_and_a_cycle(tmp_path: Path) -> None
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("package", ["hrf_batch.store", "hrf_batch.report"])
+@pytest.mark.parametrize("package", ["hrf_batch.store", "hrf_batch.report", "hrf_batch.export"])
 def test_store_and_report_never_import_torch(package: str) -> None:
     code = f"import sys, {package}; print(sorted(m for m in ('torch', 'hrf_batch.model', 'sam2') if m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PROJECT_ROOT, check=True)
