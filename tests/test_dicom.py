@@ -121,8 +121,9 @@ def test_writer_uses_sop_classes_spacing_order_and_row_col_reference_coordinates
     assert ds.SOPClassUID == OPT_SOP_CLASS and loc.SOPClassUID == OP8_SOP_CLASS
     assert ds.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
     assert ds.PhotometricInterpretation == "MONOCHROME2" and ds.BitsStored == 8
-    assert int(ds.NumberOfFrames) == N and ds.Laterality == "R" and ds.ImageLaterality == "R"
-    assert ds.StudyInstanceUID == loc.StudyInstanceUID and ds.FrameOfReferenceUID == loc.FrameOfReferenceUID
+    assert int(ds.NumberOfFrames) == N and ds.ImageLaterality == "R" and loc.ImageLaterality == "R"
+    assert "Laterality" not in ds  # General Series laterality is for unpaired parts; the eye is ImageLaterality
+    assert ds.StudyInstanceUID == loc.StudyInstanceUID and "FrameOfReferenceUID" in ds
     measures = ds.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
     assert [float(v) for v in measures.PixelSpacing] == pytest.approx([0.0038721, 0.011819])
     assert float(measures.SliceThickness) == pytest.approx(0.12345)

@@ -14,6 +14,19 @@ that other viewers open. Conventions, mirrored by ``hrf_batch.io.readers.dicom_o
   ``col = x_mm / col_spacing``. Start pair first, end pair second.
 - UIDs are derived deterministically from the volume's identity, so writing the same volume
   twice gives the same UIDs (study UID from patient + visit date, so both eyes share a study).
+  ``uid_seed`` (an export passes the source sha256 and series) makes every other UID derive from
+  that seed alone, so a re-export of the same source names the same objects wherever the file lies.
+- Patient geometry (Plane Position/Orientation, required by the OPT IOD): the Frame of Reference is
+  the localizer's plane, x to the right and y down in mm as in ``BScanPosition``, z into the eye.
+  B-scan ``i`` starts at ``(x0, y0, 0)`` and its rows run from start to end; its columns run along
+  +z (depth). Circle scans and volumes without positions get a plain stack instead: B-scan ``i``
+  at ``(0, i * between_bscans_mm, 0)`` with rows along +x.
+- The pixels are a converted copy (HEYEX's display curve, rounded to 8 bits), hence Image Type
+  DERIVED\\PRIMARY. Attributes the file formats do not carry (eye axial length, refraction,
+  intraocular pressure...) are written empty where DICOM allows it (Type 2). Type 1 values with no
+  source use the honest generic value: the device type code "Optical Coherence Tomography Scanner"
+  (localizer: "Scanning Laser Ophthalmoscope"), detector type "CCD" (the line camera of spectral-domain
+  OCT), and "unknown" for a missing manufacturer, model or serial number.
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import DSfloat
 
+from hrf_batch import __version__
 from hrf_batch.io.volume import BScanPosition, Volume
 
 log = logging.getLogger(__name__)
@@ -44,22 +58,30 @@ OP8_SOP_CLASS = str(OphthalmicPhotography8BitImageStorage)
 CT_SOP_CLASS = str(CTImageStorage)
 IN_STACK_POSITION_TAG = 0x00209057
 FRAME_CONTENT_SEQUENCE_TAG = 0x00209111
+FRAME_TIME_TAG = 0x00181063
 
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")
 _LATERALITY = {"OD": "R", "OS": "L"}
+_UNKNOWN = "unknown"
+# (value, scheme, meaning) of the SNOMED CT concepts the ophthalmic IODs require
+_EYE = ("81745001", "SCT", "Eye")
+_OCT_SCANNER = ("392012008", "SCT", "Optical Coherence Tomography Scanner")
+_SLO = ("392001008", "SCT", "Scanning Laser Ophthalmoscope")
 
 
-def write_dicom_oct(volume: Volume, out_dir: Path, *, multiframe: bool = True) -> list[Path]:
+def write_dicom_oct(
+    volume: Volume, out_dir: Path, *, multiframe: bool = True, uid_seed: str | None = None
+) -> list[Path]:
     """Write ``volume`` into ``out_dir`` as one OPT series (and its localizer as an OP instance).
 
     Returns the OCT file(s) in instance order, followed by the localizer file if one was written.
     ``multiframe=False`` writes one single-frame instance per B-scan, as some devices export.
     B-scan positions are written only with a localizer and its spacing: DICOM can express them
-    solely as pixel coordinates on a referenced image.
+    solely as pixel coordinates on a referenced image. ``uid_seed``: see the module docstring.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    uids = _uids(volume, multiframe)
+    uids = _uids(volume, multiframe, uid_seed)
     written: list[Path] = []
     localizer_path: Path | None = None
     locator: _Locator | None = None
@@ -152,12 +174,18 @@ class _Locator:
         return [y0 / self.row_mm, x0 / self.col_mm, y1 / self.row_mm, x1 / self.col_mm]
 
 
-def _uids(volume: Volume, multiframe: bool) -> dict[str, str]:
+def _uids(volume: Volume, multiframe: bool, uid_seed: str | None = None) -> dict[str, str]:
     """Deterministic UIDs so that a rewrite of the same volume names the same objects."""
     meta = volume.meta
     visit = meta.visit_date.isoformat() if meta.visit_date else ""
     identity = [meta.source_sha256, meta.series_uid, meta.source_path, meta.patient_id, meta.eye, visit]
-    series = meta.series_uid if _is_valid_uid(meta.series_uid) else str(generate_uid(entropy_srcs=["series", *identity]))
+    if uid_seed is not None:
+        identity = ["export", uid_seed]
+        series = str(generate_uid(entropy_srcs=["series", *identity]))
+    elif _is_valid_uid(meta.series_uid):
+        series = meta.series_uid
+    else:
+        series = str(generate_uid(entropy_srcs=["series", *identity]))
     mode = "multiframe" if multiframe else "singleframe"
     return {
         "study": str(generate_uid(entropy_srcs=["study", meta.patient_id, visit])),
@@ -166,6 +194,7 @@ def _uids(volume: Volume, multiframe: bool) -> dict[str, str]:
         "instance": _derived_uid(series, f"{mode}-instance"),
         "localizer": _derived_uid(series, "localizer"),
         "localizer_series": _derived_uid(series, "localizer-series"),
+        "synchronization": _derived_uid(series, "synchronization"),
     }
 
 
@@ -237,17 +266,36 @@ def _patient_study(ds: Dataset, volume: Volume, uids: dict[str, str]) -> None:
         ds.ContentTime = meta.acquired_at.strftime("%H%M%S") if meta.acquired_at else "000000"
     if meta.acquired_at is not None:
         ds.AcquisitionDateTime = _dt(meta.acquired_at)
+    elif meta.visit_date is not None:  # DT with day precision: the day is known, the time is not
+        ds.AcquisitionDateTime = _da(meta.visit_date)
     manufacturer, _, model = meta.device.partition(" ")
-    ds.Manufacturer = manufacturer
-    ds.ManufacturerModelName = model
-    ds.FrameOfReferenceUID = uids["frame_of_reference"]
-    ds.PositionReferenceIndicator = ""
-    laterality = _LATERALITY.get(meta.eye)
-    if laterality is not None:
-        ds.Laterality = laterality
-        ds.ImageLaterality = laterality
+    ds.Manufacturer = manufacturer or _UNKNOWN
+    ds.ManufacturerModelName = model or _UNKNOWN
+    ds.DeviceSerialNumber = _UNKNOWN
+    ds.SoftwareVersions = f"hrf-batch {__version__}"
+    ds.ImageLaterality = _LATERALITY.get(meta.eye, "U")
+    ds.AnatomicRegionSequence = _codes(_EYE)
     ds.BurnedInAnnotation = "NO"
     ds.LossyImageCompression = "00"
+    # Ophthalmic Acquisition Parameters: not in any source format, so empty (Type 2)
+    ds.RefractiveStateSequence = Sequence([])
+    ds.EmmetropicMagnification = None
+    ds.IntraOcularPressure = None
+    ds.PupilDilated = None
+    ds.HorizontalFieldOfView = None
+    ds.LightPathFilterTypeStackCodeSequence = Sequence([])
+
+
+def _codes(*concepts: tuple[str, str, str]) -> Sequence:
+    """A code sequence of (value, scheme, meaning) concepts."""
+    items = []
+    for value, scheme, meaning in concepts:
+        item = Dataset()
+        item.CodeValue = value
+        item.CodingSchemeDesignator = scheme
+        item.CodeMeaning = meaning
+        items.append(item)
+    return Sequence(items)
 
 
 def _oct_dataset(
@@ -262,9 +310,19 @@ def _oct_dataset(
     ds.SeriesNumber = 1
     ds.InstanceNumber = number
     ds.AcquisitionNumber = 1
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    ds.ImageType = ["DERIVED", "PRIMARY"]
     ds.PresentationLUTShape = "IDENTITY"
     ds.ContentQualification = "PRODUCT"
+    ds.FrameOfReferenceUID = uids["frame_of_reference"]
+    ds.PositionReferenceIndicator = ""
+    ds.AcquisitionContextSequence = Sequence([])
+    ds.AxialLengthOfTheEye = None
+    ds.AcquisitionDeviceTypeCodeSequence = _codes(_OCT_SCANNER)
+    ds.DetectorType = "CCD"
+    # The OPT Image module fixes these to 0, 1, 1 (an OPT instance is never part of a concatenation)
+    ds.ConcatenationFrameOffsetNumber = 0
+    ds.InConcatenationNumber = 1
+    ds.InConcatenationTotalNumber = 1
     ds.NumberOfFrames = len(frames)
     _set_pixels(ds, _to_uint8(volume.bscans[frames]), bits=8)
     measures = Dataset()
@@ -275,8 +333,29 @@ def _oct_dataset(
     measures.SliceThickness = DSfloat(meta.spacing.between_bscans_mm, auto_format=True)
     shared = Dataset()
     shared.PixelMeasuresSequence = Sequence([measures])
+    anatomy = Dataset()
+    anatomy.AnatomicRegionSequence = _codes(_EYE)
+    anatomy.FrameLaterality = ds.ImageLaterality
+    shared.FrameAnatomySequence = Sequence([anatomy])
+    planes = _planes(volume)
+    orientations = {orientation for _, orientation in planes}
+    if len(orientations) == 1:
+        shared.PlaneOrientationSequence = _orientation(orientations.pop())
+        per_frame_orientation = False
+    else:
+        per_frame_orientation = True
     ds.SharedFunctionalGroupsSequence = Sequence([shared])
-    ds.PerFrameFunctionalGroupsSequence = Sequence([_frame_group(i, locator) for i in frames])
+    groups = []
+    for i in frames:
+        group = _frame_group(i, locator)
+        position, orientation = planes[i]
+        plane = Dataset()
+        plane.ImagePositionPatient = [DSfloat(v, auto_format=True) for v in position]
+        group.PlanePositionSequence = Sequence([plane])
+        if per_frame_orientation:
+            group.PlaneOrientationSequence = _orientation(orientation)
+        groups.append(group)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(groups)
     dimension = Dataset()
     dimension.DimensionOrganizationUID = _derived_uid(uids["series"], "dimension-organization")
     dimension.DimensionIndexPointer = IN_STACK_POSITION_TAG
@@ -286,6 +365,31 @@ def _oct_dataset(
     ds.DimensionOrganizationSequence = Sequence([organization])
     ds.DimensionIndexSequence = Sequence([dimension])
     return ds
+
+
+def _planes(volume: Volume) -> list[tuple[tuple[float, float, float], tuple[float, ...]]]:
+    """(Image Position, Image Orientation) of every B-scan in the frame of reference the module
+    docstring defines."""
+    meta = volume.meta
+    stack = [((0.0, i * meta.spacing.between_bscans_mm, 0.0), (1.0, 0.0, 0.0, 0.0, 0.0, 1.0))
+             for i in range(volume.n_bscans)]
+    if not meta.positions or meta.scan_pattern == "circle":
+        return stack
+    planes = []
+    for pos in meta.positions:
+        (x0, y0), (x1, y1) = pos.start_mm, pos.end_mm
+        length = float(np.hypot(x1 - x0, y1 - y0))
+        if length <= 0:
+            return stack
+        row = (round((x1 - x0) / length, 8), round((y1 - y0) / length, 8), 0.0)
+        planes.append(((float(x0), float(y0), 0.0), (*row, 0.0, 0.0, 1.0)))
+    return planes
+
+
+def _orientation(cosines: tuple[float, ...]) -> Sequence:
+    item = Dataset()
+    item.ImageOrientationPatient = [DSfloat(v, auto_format=True) for v in cosines]
+    return Sequence([item])
 
 
 def _frame_group(index: int, locator: _Locator | None) -> Dataset:
@@ -316,6 +420,19 @@ def _localizer_dataset(volume: Volume, localizer: np.ndarray, uids: dict[str, st
     ds.InstanceNumber = 1
     ds.ImageType = ["ORIGINAL", "PRIMARY"]
     ds.PresentationLUTShape = "IDENTITY"
+    ds.PatientOrientation = ""
+    ds.SynchronizationFrameOfReferenceUID = uids["synchronization"]
+    ds.SynchronizationTrigger = "NO TRIGGER"
+    ds.AcquisitionTimeSynchronized = "N"
+    ds.PatientEyeMovementCommanded = None
+    ds.AcquisitionDeviceTypeCodeSequence = _codes(_SLO)
+    ds.IlluminationTypeCodeSequence = Sequence([])
+    ds.ImagePathFilterTypeStackCodeSequence = Sequence([])
+    ds.LensesCodeSequence = Sequence([])
+    ds.DetectorType = None
+    ds.NumberOfFrames = 1
+    ds.FrameIncrementPointer = FRAME_TIME_TAG
+    ds.FrameTime = 0
     _set_pixels(ds, _to_uint8(localizer), bits=8)
     if volume.meta.localizer_spacing_mm is not None:
         x_mm, y_mm = volume.meta.localizer_spacing_mm
