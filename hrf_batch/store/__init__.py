@@ -16,12 +16,17 @@ from hrf_batch.store.codec import params_hash
 from hrf_batch.store.engine import DEFAULT_SQLITE_FILE, display_url, head_revision, resolve_url, upgrade
 from hrf_batch.store.errors import SchemaOutdatedError, StoreError
 from hrf_batch.store.records import (
+    AddedLesion,
+    BScanVerdict,
     EtdrsBurden,
     IngestErrorRecord,
     LayerBurden,
+    LesionVerdict,
     PatientBurden,
     PatientRecord,
     PatientSummary,
+    ReviewProgress,
+    ReviewState,
     RunRecord,
     StoredAnatomy,
     StoredBScan,
@@ -34,14 +39,19 @@ from hrf_batch.store.records import (
 from hrf_batch.store.write import utc_now
 
 __all__ = [
+    "AddedLesion",
+    "BScanVerdict",
     "Claim",
     "DEFAULT_SQLITE_FILE",
     "EtdrsBurden",
     "IngestErrorRecord",
     "LayerBurden",
+    "LesionVerdict",
     "PatientBurden",
     "PatientRecord",
     "PatientSummary",
+    "ReviewProgress",
+    "ReviewState",
     "RunRecord",
     "SchemaOutdatedError",
     "Store",

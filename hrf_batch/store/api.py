@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 from sqlalchemy import Engine
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
@@ -23,14 +24,19 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from hrf_batch.io.volume import VolumeMeta
 from hrf_batch.results import RunInfo, VolumeResult
-from hrf_batch.store import read, write
+from hrf_batch.store import read, review, write
 from hrf_batch.store.claims import ClaimLocks, claim_locks, lock_key
 from hrf_batch.store.engine import check_schema, display_url, is_locked, locked_error, make_engine, resolve_url, writer
 from hrf_batch.store.errors import StoreError
 from hrf_batch.store.records import (
+    AddedLesion,
+    BScanVerdict,
     IngestErrorRecord,
+    LesionVerdict,
     PatientRecord,
     PatientSummary,
+    ReviewProgress,
+    ReviewState,
     RunRecord,
     StoredAnatomy,
     StoredBScan,
@@ -283,6 +289,64 @@ class Store:
         """Rows of `hrf_burden_volume`, `_visit`, `_patient`, `_etdrs` or `_layer` as dataclasses."""
         with self._transaction(f"reading view {view}") as session:
             return read.view_rows(session, view, patient_id)
+
+    def run_record(self, run_id: int) -> RunRecord:
+        """One run's provenance (model, segmenter, parameters, status); StoreError when there is no such run."""
+        with self._transaction(f"reading run {run_id}") as session:
+            return review.run_record(session, run_id)
+
+    # Grader review: verdicts name the run they judge and never change the model's rows.
+
+    def save_lesion_verdict(self, run_id: int, bscan_index: int, lesion_index: int, grader: str, verdict: str, *,
+                            decided_at: datetime | None = None) -> LesionVerdict:
+        """Store a grader's 'accept' or 'reject' of a stored lesion, replacing that grader's earlier verdict on it."""
+        when = decided_at or write.utc_now()
+        return self._write(f"saving a verdict on lesion {lesion_index} of B-scan {bscan_index}", lambda session:
+                           review.save_lesion_verdict(session, run_id, bscan_index, lesion_index, grader, verdict, when))
+
+    def delete_lesion_verdict(self, run_id: int, bscan_index: int, lesion_index: int, grader: str) -> bool:
+        """Withdraw a grader's verdict on a lesion (undo); False when they had none."""
+        return self._write(f"withdrawing a verdict on lesion {lesion_index} of B-scan {bscan_index}", lambda session:
+                           review.delete_lesion_verdict(session, run_id, bscan_index, lesion_index, grader))
+
+    def save_bscan_verdict(self, run_id: int, bscan_index: int, grader: str, has_hrf: bool, *,
+                           decided_at: datetime | None = None) -> BScanVerdict:
+        """Store a grader's "B-scan has HRF: yes/no", replacing that grader's earlier answer for it."""
+        when = decided_at or write.utc_now()
+        return self._write(f"saving the HRF yes/no of B-scan {bscan_index}", lambda session:
+                           review.save_bscan_verdict(session, run_id, bscan_index, grader, has_hrf, when))
+
+    def delete_bscan_verdict(self, run_id: int, bscan_index: int, grader: str) -> bool:
+        """Withdraw a grader's HRF yes/no on a B-scan (undo); False when they had none."""
+        return self._write(f"withdrawing the HRF yes/no of B-scan {bscan_index}", lambda session:
+                           review.delete_bscan_verdict(session, run_id, bscan_index, grader))
+
+    def save_added_lesion(self, run_id: int, bscan_index: int, grader: str, click_rc: tuple[int, int],
+                          mask: np.ndarray, segmenter: str, *, created_at: datetime | None = None) -> AddedLesion:
+        """Store an HRF the model missed: ``mask`` (bool, the B-scan's shape) as ``segmenter`` drew it at the click."""
+        when = created_at or write.utc_now()
+        return self._write(f"saving a lesion added to B-scan {bscan_index}", lambda session: review.save_added_lesion(
+            session, run_id, bscan_index, grader, click_rc, mask, segmenter, when))
+
+    def delete_added_lesion(self, added_id: int, grader: str) -> bool:
+        """Remove a lesion the grader added (undo); False when no such lesion of theirs exists."""
+        return self._write(f"removing added lesion {added_id}",
+                           lambda session: review.delete_added_lesion(session, added_id, grader))
+
+    def review_state(self, run_id: int, *, grader: str | None = None, masks: bool = True) -> ReviewState:
+        """Every review row of one run (one grader's when ``grader``); empty tuples before any review."""
+        with self._transaction(f"reading the review of run {run_id}") as session:
+            return review.review_states(session, [run_id], grader, masks)[0]
+
+    def reviewed_runs(self, *, grader: str | None = None, masks: bool = True) -> list[ReviewState]:
+        """The review rows of every run that has any (one grader's when ``grader``), by run id."""
+        with self._transaction("reading the reviewed runs") as session:
+            return review.review_states(session, None, grader, masks)
+
+    def review_progress(self, run_ids: Sequence[int], *, grader: str | None = None) -> list[ReviewProgress]:
+        """How far the review of each run has come (one grader's, or anyone's when ``grader`` is None)."""
+        with self._transaction("reading the review progress") as session:
+            return review.review_progress(session, run_ids, grader)
 
 
 def _clashed(exc: SQLAlchemyError) -> bool:

@@ -230,3 +230,84 @@ class IngestErrorRecord:
     kind: str  # 'error' | 'skipped'
     recorded_at: datetime  # naive UTC
     batch_id: str | None
+
+
+@dataclass(frozen=True)
+class LesionVerdict:
+    """One grader's 'accept' or 'reject' of the stored lesion (run, B-scan, lesion index)."""
+
+    run_id: int
+    bscan_index: int
+    lesion_index: int
+    grader: str
+    verdict: str  # 'accept' | 'reject'
+    decided_at: datetime  # naive UTC
+
+
+@dataclass(frozen=True, eq=False)
+class AddedLesion:
+    """An HRF the model missed, marked by a grader's click and outlined by ``segmenter``; ``mask`` is the
+    bool crop inside ``bbox_rc`` (None when read without masks), as in :class:`StoredLesion`."""
+
+    added_id: int
+    run_id: int
+    bscan_index: int
+    grader: str
+    click_rc: tuple[int, int]
+    centroid_rc: tuple[float, float]
+    bbox_rc: tuple[int, int, int, int]
+    area_px: int
+    area_mm2: float
+    mask: np.ndarray | None
+    segmenter: str
+    created_at: datetime  # naive UTC
+
+
+@dataclass(frozen=True)
+class BScanVerdict:
+    """One grader's "this B-scan has HRF: yes/no"."""
+
+    run_id: int
+    bscan_index: int
+    grader: str
+    has_hrf: bool
+    decided_at: datetime  # naive UTC
+
+
+@dataclass(frozen=True, eq=False)
+class ReviewState:
+    """Every review row of one run (all graders, or one when read for one), sorted by B-scan, lesion, grader."""
+
+    run_id: int
+    volume_id: int
+    lesion_verdicts: tuple[LesionVerdict, ...]
+    added_lesions: tuple[AddedLesion, ...]
+    bscan_verdicts: tuple[BScanVerdict, ...]
+
+    @property
+    def graders(self) -> tuple[str, ...]:
+        """Everyone who left a row on this run, sorted."""
+        rows = (*self.lesion_verdicts, *self.added_lesions, *self.bscan_verdicts)
+        return tuple(sorted({r.grader for r in rows}))
+
+
+@dataclass(frozen=True)
+class ReviewProgress:
+    """How far the review of one run has come (one grader's rows, or any grader's when ``grader`` is None):
+    a lesion is decided when it has a verdict, a B-scan when it has an HRF yes/no."""
+
+    run_id: int
+    volume_id: int
+    grader: str | None
+    n_bscans: int
+    n_lesions: int
+    lesions_decided: int
+    lesions_accepted: int
+    lesions_rejected: int
+    lesions_added: int
+    bscans_decided: int
+
+    @property
+    def done(self) -> bool:
+        """Every lesion and every B-scan decided."""
+        return self.lesions_decided == self.n_lesions and self.bscans_decided == self.n_bscans

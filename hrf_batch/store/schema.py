@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     Date,
     DateTime,
@@ -254,3 +255,59 @@ class IngestErrorRow(Base):
     kind: Mapped[str] = mapped_column(String(8))
     recorded_at: Mapped[datetime] = mapped_column(DateTime)
     batch_id: Mapped[str | None] = mapped_column(String(64), index=True)
+
+
+REVIEW_VERDICTS = ("accept", "reject")
+
+
+class ReviewLesionVerdictRow(Base):
+    """A grader's accept/reject of one stored lesion of one run; their later decision replaces this row."""
+
+    __tablename__ = "review_lesion_verdicts"
+    __table_args__ = (
+        UniqueConstraint("run_pk", "bscan_index", "lesion_index", "grader", name="uq_review_lesion_verdicts_key"),
+        CheckConstraint(_in("verdict", REVIEW_VERDICTS), name="verdict"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_pk: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    bscan_index: Mapped[int] = mapped_column(Integer)
+    grader: Mapped[str] = mapped_column(String(128))
+    lesion_index: Mapped[int] = mapped_column(Integer)
+    verdict: Mapped[str] = mapped_column(String(8))
+    decided_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class ReviewAddedLesionRow(Base):
+    """An HRF the model missed: a grader's click, outlined by the segmenter named in `segmenter`."""
+
+    __tablename__ = "review_added_lesions"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_pk: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    bscan_index: Mapped[int] = mapped_column(Integer)
+    grader: Mapped[str] = mapped_column(String(128))
+    click_row: Mapped[int] = mapped_column(Integer)
+    click_col: Mapped[int] = mapped_column(Integer)
+    centroid_row: Mapped[float] = mapped_column(Double)
+    centroid_col: Mapped[float] = mapped_column(Double)
+    bbox_row0: Mapped[int] = mapped_column(Integer)
+    bbox_col0: Mapped[int] = mapped_column(Integer)
+    bbox_row1: Mapped[int] = mapped_column(Integer)
+    bbox_col1: Mapped[int] = mapped_column(Integer)
+    area_px: Mapped[int] = mapped_column(Integer)
+    area_mm2: Mapped[float] = mapped_column(Double)
+    mask_png: Mapped[bytes] = mapped_column(LargeBinary)
+    segmenter: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class ReviewBScanVerdictRow(Base):
+    """A grader's "this B-scan has HRF: yes/no" for one run; their later decision replaces this row."""
+
+    __tablename__ = "review_bscan_verdicts"
+    __table_args__ = (UniqueConstraint("run_pk", "bscan_index", "grader", name="uq_review_bscan_verdicts_key"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_pk: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    bscan_index: Mapped[int] = mapped_column(Integer)
+    grader: Mapped[str] = mapped_column(String(128))
+    has_hrf: Mapped[bool] = mapped_column(Boolean)
+    decided_at: Mapped[datetime] = mapped_column(DateTime)
