@@ -7,14 +7,12 @@ random model's B-scans do give lesions to compare.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import MetaData, create_engine, select
 
 from hrf_batch.cli import EXIT_PARTIAL, main
 from hrf_batch.config import Settings, load_settings
@@ -22,16 +20,11 @@ from hrf_batch.ingest import ingest_study
 from hrf_batch.workers import TEST_EXIT_AT, worker_device
 
 from conftest import SMALL_STUDY_VOLUMES
-from conftest_store import row_counts
+from conftest_store import TABLES, row_counts, stored_rows
 
 N_VOLUMES = SMALL_STUDY_VOLUMES
 FLAGS = {"model": None, "device": "cpu", "segmenter": "region", "max_iterations": 2, "lesion_filter": False,
          "retina_band": False}
-# per-row values that differ between any two ingests: ids, links by id, times
-IGNORED = {"id", "started_at", "finished_at", "seconds", "recorded_at"}
-TABLES = ("volumes", "runs", "bscans", "lesions")
-
-
 @pytest.fixture(scope="module")
 def serial_url(tmp_path_factory: pytest.TempPathFactory, small_study: Path, tiny_model: Path) -> str:
     """A serial ingest of the study into a database of its own: the reference."""
@@ -47,57 +40,15 @@ def _ingest(study: Path, url: str, model: Path, *extra: str) -> Any:
     return CliRunner().invoke(main, args)
 
 
-def _plain(row: Any) -> dict[str, Any]:
-    """A row without ids, links by id and times; JSON text and memoryviews as values."""
-    out = {}
-    for name, value in row._mapping.items():
-        if name in IGNORED or name.endswith("_pk"):
-            continue
-        if isinstance(value, memoryview):
-            value = bytes(value)
-        elif isinstance(value, str) and value.startswith(("[", "{")):
-            value = json.loads(value)
-        out[name] = value
-    return out
-
-
-def _stored(url: str) -> dict[tuple[str, str], dict[str, Any]]:
-    """Per volume (source sha256, series uid): its row, its runs, every B-scan and every lesion."""
-    engine = create_engine(url)
-    meta = MetaData()
-    try:
-        meta.reflect(engine, only=TABLES)
-        with engine.connect() as conn:
-            rows = {t: conn.execute(select(meta.tables[t])).all() for t in TABLES}
-    finally:
-        engine.dispose()
-    volume_of = {v.id: (v.source_sha256, v.series_uid) for v in rows["volumes"]}
-    run_volume = {r.id: volume_of[r.volume_pk] for r in rows["runs"]}
-    bscan_of = {b.id: (run_volume[b.run_pk], b.bscan_index) for b in rows["bscans"]}
-    out: dict[tuple[str, str], dict[str, Any]] = {
-        key: {"volume": _plain(v), "runs": [], "bscans": {}, "lesions": {}}
-        for v in rows["volumes"] for key in [volume_of[v.id]]}
-    for r in rows["runs"]:
-        out[run_volume[r.id]]["runs"].append(_plain(r))
-    for b in rows["bscans"]:
-        key, index = bscan_of[b.id]
-        assert index not in out[key]["bscans"], f"B-scan {index} of {key} stored twice"
-        out[key]["bscans"][index] = _plain(b)
-    for lesion in rows["lesions"]:
-        key, index = bscan_of[lesion.bscan_pk]
-        out[key]["lesions"][(index, lesion.lesion_index)] = _plain(lesion)
-    return out
-
-
 def test_two_workers_store_what_a_serial_ingest_stores(store_url: str, small_study: Path, tiny_model: Path,
                                                        serial_url: str) -> None:
     result = _ingest(small_study, store_url, tiny_model, "--workers", "2")
     assert result.exit_code == 0, result.output
     assert f"volumes: {N_VOLUMES} processed, 0 already done (skipped), 0 failed" in result.output
     assert "files not OCT (skipped): 7" in result.output  # the ground-truth files, as the serial ingest counts them
-    reference = _stored(serial_url)
+    reference = stored_rows(serial_url)
     assert len(reference) == N_VOLUMES and sum(len(v["lesions"]) for v in reference.values()) > 0
-    assert _stored(store_url) == reference
+    assert stored_rows(store_url) == reference
 
 
 def test_a_rerun_with_workers_after_a_serial_ingest_skips_everything(small_study: Path, tiny_model: Path,
@@ -127,7 +78,7 @@ def test_a_worker_that_dies_fails_only_its_file_and_the_next_ingest_completes_th
     again = _ingest(small_study, url, tiny_model, "--workers", "2")
     assert again.exit_code == 0, again.output
     assert f"volumes: 1 processed, {N_VOLUMES - 1} already done (skipped), 0 failed" in again.output
-    assert _stored(url) == _stored(serial_url)  # no B-scan twice, none missing
+    assert stored_rows(url) == stored_rows(serial_url)  # no B-scan twice, none missing
 
 
 @pytest.mark.parametrize(("devices", "message"), [
