@@ -22,7 +22,9 @@ from hrf_batch.model.classify import load_classifier, score_bscans, score_images
 from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 from hrf_batch.training import train as train_mod
 from hrf_batch.training.augment import IDENTITY, augment
-from hrf_batch.training.train import BalancedBatches, TrainConfig, split_by_patient, train_model
+from hrf_batch.training.sampling import BalancedBatchSampler
+from hrf_batch.training.source import InMemory
+from hrf_batch.training.train import TrainConfig, split_by_patient, train_model
 
 TINY = dict(preset="cct-tiny", batch_size=4, device="cpu", max_lr=3e-3)
 
@@ -56,10 +58,17 @@ def test_patient_split_is_disjoint() -> None:
 
 
 def test_balanced_batches(data) -> None:
-    batches = BalancedBatches(data, 4, seed=0)
-    for _ in range(5):
-        idx = batches.next()
+    source = InMemory(data)
+    batches = BalancedBatchSampler(source.counts, source.shapes, 4, seed=0, stop=5)
+    drawn = list(batches)
+    assert len(drawn) == len(batches) == 5
+    for idx in drawn:
         assert len(idx) == 4 and (data.counts[idx] > 0).sum() == 2
+    assert list(BalancedBatchSampler(source.counts, source.shapes, 4, seed=0, start=3, stop=5)) == drawn[3:]
+    two = [BalancedBatchSampler(source.counts, source.shapes, 4, seed=0, stop=5, rank=r, world_size=2) for r in (0, 1)]
+    shares = [s.batch(1) for s in two]  # each process: its half of one global batch, still balanced
+    assert all(len(s) == 4 and (data.counts[s] > 0).sum() == 2 for s in shares)
+    assert sorted(shares[0] + shares[1]) == sorted(two[0].global_batch(1).tolist())
 
 
 def test_augment_keeps_range_and_identity_is_identity() -> None:

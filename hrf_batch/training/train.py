@@ -7,6 +7,13 @@ resumable state, and the kept model's scores calibrated on the validation split 
 threshold is the probability 0.5 (:mod:`hrf_batch.model.calibration`). A run that does not take off (validation AUROC below ``takeoff_auroc`` after
 ``takeoff_steps``) is restarted with the next seed: from-scratch transformers on few positives
 sometimes stay at chance, and one restart is cheaper than a user noticing it.
+
+The B-scans come from a :class:`~hrf_batch.training.source.BScanSource`: decoded in memory, or
+streamed from their files (:mod:`hrf_batch.training.stream`) with memory that does not grow with
+the study; both give the same model for the same seed. Every random draw of a step depends on
+(seed, step) only (:mod:`hrf_batch.training.sampling`), so a resumed run continues exactly. Under
+``torchrun`` the model trains with DistributedDataParallel (:mod:`hrf_batch.training.distributed`),
+``batch_size`` B-scans per process; on CUDA the forward pass runs under bfloat16 autocast.
 """
 
 from __future__ import annotations
@@ -15,10 +22,11 @@ import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from hrf_batch.errors import HrfBatchError
@@ -26,9 +34,12 @@ from hrf_batch.evaluation.metrics import best_f1_threshold, presence_metrics
 from hrf_batch.io.labels import LabelledBScans
 from hrf_batch.model.calibration import fit_calibration
 from hrf_batch.model.classify import score_images
-from hrf_batch.model.files import ModelConfig, build_model, resolve_device, save_model
+from hrf_batch.model.files import ModelConfig, ModelInfo, build_model, resolve_device, save_model
 from hrf_batch.model.nets import PRESETS, get_task
 from hrf_batch.training.augment import augment
+from hrf_batch.training.distributed import Processes, process_device, process_group, processes_from_env
+from hrf_batch.training.sampling import BalancedBatchSampler, BScanDataset, collate, step_seed
+from hrf_batch.training.source import BScanSource, as_source, chunks, norm_stats
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.pt"
@@ -51,6 +62,7 @@ class TrainConfig:
     takeoff_steps: int = 300
     takeoff_auroc: float = 0.7
     alexnet_weights: str | None = None
+    amp: bool = True  # bfloat16 autocast of the forward pass on CUDA; no effect on the CPU
     overrides: dict[str, Any] = field(default_factory=dict)
 
 
@@ -67,36 +79,10 @@ def split_by_patient(patients: np.ndarray, val_fraction: float, seed: int) -> tu
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-class BalancedBatches:
-    """Batches of equal-sized B-scans, half with HRF and half without where both exist."""
-
-    def __init__(self, data: LabelledBScans, batch_size: int, seed: int) -> None:
-        self.data, self.batch_size = data, batch_size
-        self.rng = np.random.default_rng(seed)
-        groups: dict[tuple[int, int], list[int]] = {}
-        for i, img in enumerate(data.images):
-            groups.setdefault(img.shape, []).append(i)
-        self.groups = [np.array(v) for v in groups.values()]
-        self.weights = np.array([len(g) for g in self.groups], dtype=float) / len(data)
-
-    def next(self) -> np.ndarray:
-        group = self.groups[self.rng.choice(len(self.groups), p=self.weights)]
-        pos = group[self.data.counts[group] > 0]
-        neg = group[self.data.counts[group] == 0]
-        if len(pos) == 0 or len(neg) == 0:
-            return self.rng.choice(group, self.batch_size)
-        n_pos = self.batch_size // 2
-        return np.concatenate([self.rng.choice(pos, n_pos), self.rng.choice(neg, self.batch_size - n_pos)])
-
-
-def _norm_stats(data: LabelledBScans) -> tuple[float, float]:
-    sample = np.concatenate([img.ravel()[::7] for img in data.images]).astype(np.float64)
-    return float(sample.mean()), float(max(sample.std(), 1e-3))
-
-
 @dataclass
 class _Attempt:
-    model: torch.nn.Module
+    model: torch.nn.Module  # what is evaluated and saved
+    net: torch.nn.Module  # what takes the steps: the model, or its DistributedDataParallel wrapper
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.OneCycleLR
     seed: int
@@ -105,7 +91,9 @@ class _Attempt:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def _new_attempt(cfg: TrainConfig, seed: int, device: torch.device) -> _Attempt:
+def _new_attempt(cfg: TrainConfig, seed: int, device: torch.device, procs: Processes,
+                 state: dict[str, Any] | None = None) -> _Attempt:
+    """A model with its optimizer and schedule, fresh from ``seed`` or as ``state`` left them."""
     if cfg.preset not in PRESETS:
         raise HrfBatchError(f"unknown model preset {cfg.preset!r}", f"choose one of {sorted(PRESETS)}")
     torch.manual_seed(seed)
@@ -113,19 +101,38 @@ def _new_attempt(cfg: TrainConfig, seed: int, device: torch.device) -> _Attempt:
     config = ModelConfig(arch=arch, task=cfg.task, kwargs={**kwargs, **cfg.overrides}, preset=cfg.preset)
     options = {"alexnet_weights": cfg.alexnet_weights} if arch == "mil" else {}
     model = build_model(config, **options).to(device)
+    if state is not None:
+        model.load_state_dict(state["model"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.max_lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.max_lr, total_steps=cfg.steps)
-    return _Attempt(model, opt, sched, seed)
+    att = _Attempt(model, procs.wrap(model, device), opt, sched, seed)
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        att.step, att.best_auroc, att.history = state["step"], state["best_auroc"], state["history"]
+    return att
 
 
-def _train_step(att: _Attempt, cfg: TrainConfig, data: LabelledBScans, idx: np.ndarray, norm: tuple[float, float],
-                gen: torch.Generator, device: torch.device) -> float:
+def _batches(train: BScanSource, cfg: TrainConfig, att: _Attempt, procs: Processes,
+             workers: int) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
+    """This process's batches from the attempt's current step to the last."""
+    sampler = BalancedBatchSampler(train.counts, train.shapes, cfg.batch_size, att.seed, start=att.step, stop=cfg.steps,
+                                   rank=procs.rank, world_size=procs.world_size)
+    return iter(DataLoader(BScanDataset(train), batch_sampler=sampler, collate_fn=collate, num_workers=workers))
+
+
+def _train_step(att: _Attempt, cfg: TrainConfig, x: torch.Tensor, counts: np.ndarray, norm: tuple[float, float],
+                device: torch.device, rank: int = 0) -> float:
+    """One optimizer step on display-scale ``x`` (B, 1, H, W); its randomness (augmentation,
+    dropout) is drawn from seeds of (attempt seed, step, process)."""
     task = get_task(cfg.task)
     att.model.train()
-    x = torch.from_numpy(np.stack([data.images[i] for i in idx]).astype(np.float32)).unsqueeze(1)
-    x = augment(x, gen)
-    x = ((x - norm[0]) / norm[1]).to(device)
-    loss = task.loss(att.model(x), task.target(data.counts[idx]).to(device))
+    torch.manual_seed(step_seed(att.seed, att.step, rank, 1))
+    x = augment(x.to(device), torch.Generator().manual_seed(step_seed(att.seed, att.step, rank, 0)))
+    x = (x - norm[0]) / norm[1]
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+        out = att.net(x)
+    loss = task.loss(out.float(), task.target(counts).to(device))
     att.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(att.model.parameters(), 1.0)
@@ -146,10 +153,19 @@ class _Run:
     seconds: float = 0.0
 
 
-def _evaluate(run: _Run, cfg: TrainConfig, val: LabelledBScans, norm: tuple[float, float], device: torch.device,
+def _scores(model: torch.nn.Module, cfg: TrainConfig, source: BScanSource, norm: tuple[float, float],
+            device: torch.device) -> np.ndarray:
+    """Raw HRF scores of every B-scan of ``source``, read a chunk at a time."""
+    out = np.empty(len(source), dtype=np.float64)
+    for start, images in chunks(source):
+        out[start : start + len(images)] = score_images(model, cfg.task, images, *norm, device, cfg.batch_size)
+    return out
+
+
+def _evaluate(run: _Run, cfg: TrainConfig, val: BScanSource, norm: tuple[float, float], device: torch.device,
               recent_loss: float) -> dict[str, float]:
     att = run.attempt
-    scores = score_images(att.model, cfg.task, val.images, *norm, device, cfg.batch_size)
+    scores = _scores(att.model, cfg, val, norm, device)
     metrics = presence_metrics(val.counts, scores, 0.5)
     metrics.update(step=float(att.step), loss=recent_loss, seed=float(att.seed))
     att.history.append(metrics)
@@ -168,10 +184,11 @@ def _should_restart(run: _Run, cfg: TrainConfig) -> bool:
             and len(run.restarts) < cfg.max_restarts)
 
 
-def _summary(cfg: TrainConfig, run: _Run, train: LabelledBScans, val: LabelledBScans, source: str, device: torch.device) -> dict[str, Any]:
-    shapes = sorted({f"{h}x{w}" for h, w in (img.shape for img in train.images)})
+def _summary(cfg: TrainConfig, run: _Run, train: BScanSource, val: BScanSource, source: str, device: torch.device,
+             procs: Processes) -> dict[str, Any]:
+    shapes = sorted({f"{h}x{w}" for h, w in train.shapes.tolist()})
     return {
-        "source": source, "device": str(device), "wall_time_s": round(run.seconds, 1),
+        "source": source, "device": str(device), "processes": procs.world_size, "wall_time_s": round(run.seconds, 1),
         "config": asdict(cfg),
         "data": {
             "n_train": len(train), "n_val": len(val), "train_positive": int((train.counts > 0).sum()),
@@ -193,12 +210,12 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _calibrate(model: torch.nn.Module, cfg: TrainConfig, val: LabelledBScans, norm: tuple[float, float],
+def _calibrate(model: torch.nn.Module, cfg: TrainConfig, val: BScanSource, norm: tuple[float, float],
                device: torch.device, best: dict[str, float]) -> tuple[dict[str, Any], dict[str, float]]:
     """Fit the score calibration of the kept model on the validation split; the decision threshold
     becomes 0.5 (HRF as likely as not). Without both classes in validation the scores stay raw and
     the best-F1 threshold is kept, with a warning."""
-    raw = score_images(model, cfg.task, val.images, *norm, device, cfg.batch_size)
+    raw = _scores(model, cfg, val, norm, device)
     try:
         cal, summary = fit_calibration(raw, val.counts > 0)
     except ValueError as exc:
@@ -211,7 +228,7 @@ def _calibrate(model: torch.nn.Module, cfg: TrainConfig, val: LabelledBScans, no
 
 
 def _save_best(run: _Run, cfg: TrainConfig, norm: tuple[float, float], summary: dict[str, Any], out_dir: Path,
-               val: LabelledBScans, device: torch.device):
+               val: BScanSource, device: torch.device) -> ModelInfo:
     model = run.attempt.model
     current = {k: v.detach().clone() for k, v in model.state_dict().items()}
     model.load_state_dict(run.best_state)
@@ -224,88 +241,110 @@ def _save_best(run: _Run, cfg: TrainConfig, norm: tuple[float, float], summary: 
     return info
 
 
-def _save_state(path: Path, run: _Run, gen: torch.Generator, batches: BalancedBatches, fingerprint: str) -> None:
+def _save_state(path: Path, run: _Run, fingerprint: str) -> None:
+    """What a resume needs; the sampler's position is ``step`` (batches are drawn per step)."""
     att = run.attempt
     state = {
         "fingerprint": fingerprint, "seed": att.seed, "step": att.step, "best_auroc": att.best_auroc,
         "history": att.history, "model": att.model.state_dict(), "optimizer": att.optimizer.state_dict(),
         "scheduler": att.scheduler.state_dict(), "restarts": run.restarts, "best_state": run.best_state,
-        "best_metrics": run.best_metrics, "seconds": run.seconds, "generator": gen.get_state(),
-        "batches_rng": batches.rng.bit_generator.state,
+        "best_metrics": run.best_metrics, "seconds": run.seconds,
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
 
 
-def _load_state(path: Path, cfg: TrainConfig, device: torch.device, fingerprint: str) -> tuple[_Run, dict[str, Any]]:
+def _load_state(path: Path, cfg: TrainConfig, device: torch.device, fingerprint: str, procs: Processes) -> _Run:
     try:
         state = torch.load(path, map_location=device, weights_only=False)
     except (OSError, RuntimeError, EOFError) as exc:
         raise HrfBatchError(f"cannot resume: {path} is unreadable ({exc})", "delete it to start afresh") from exc
     if state.get("fingerprint") != fingerprint:
         raise HrfBatchError(f"cannot resume from {path}: it was written for other data or settings",
-                            "resume with the same study, labels and options, or delete the file to start afresh")
-    att = _new_attempt(cfg, state["seed"], device)
-    att.model.load_state_dict(state["model"])
-    att.optimizer.load_state_dict(state["optimizer"])
-    att.scheduler.load_state_dict(state["scheduler"])
-    att.step, att.best_auroc, att.history = state["step"], state["best_auroc"], state["history"]
-    run = _Run(att, state["restarts"], state["best_state"], state["best_metrics"], state["seconds"])
-    return run, state
+                            "resume with the same study, labels, options and number of processes, or delete the "
+                            "file to start afresh")
+    att = _new_attempt(cfg, state["seed"], device, procs, state)
+    return _Run(att, state["restarts"], state["best_state"], state["best_metrics"], state["seconds"])
 
 
-def _fingerprint(cfg: TrainConfig, data: LabelledBScans) -> str:
+def _fingerprint(cfg: TrainConfig, data: BScanSource, world_size: int) -> str:
     import hashlib
     import json
 
     digest = hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode())
     digest.update(data.counts.tobytes())
     digest.update("|".join(data.patients.tolist()).encode())
+    if world_size > 1:  # the global batch, and so every step, depends on it
+        digest.update(f"processes={world_size}".encode())
     return digest.hexdigest()
 
 
-def train_model(data: LabelledBScans, cfg: TrainConfig, out_dir: Path, *, source: str = "",
-                resume: bool = False, progress: bool = True):
-    """Train, keep the best model (by validation AUROC) in ``out_dir``; returns its ModelInfo."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+def train_model(data: LabelledBScans | BScanSource, cfg: TrainConfig, out_dir: Path, *, source: str = "",
+                resume: bool = False, progress: bool = True, workers: int = 0) -> ModelInfo | None:
+    """Train, keep the best model (by validation AUROC) in ``out_dir``; returns its ModelInfo, or
+    None on the processes other than process 0 of a distributed run (they write nothing).
+
+    ``data`` is decoded B-scans or any source (e.g. streamed); ``workers`` processes read batches
+    ahead (each with its own cache when streaming)."""
+    procs = processes_from_env()
+    device = process_device(procs, resolve_device(cfg.device))
+    with process_group(procs, device):
+        return _train(as_source(data), cfg, Path(out_dir), source, resume, progress and procs.is_main, workers,
+                      procs, device)
+
+
+def _train(data: BScanSource, cfg: TrainConfig, out_dir: Path, source: str, resume: bool, progress: bool,
+           workers: int, procs: Processes, device: torch.device) -> ModelInfo | None:
+    if procs.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     train_idx, val_idx = split_by_patient(data.patients, cfg.val_fraction, cfg.seed)
     train, val = data.subset(train_idx), data.subset(val_idx)
-    if len(set((val.counts > 0).tolist())) < 2:
+    if procs.is_main and len(set((val.counts > 0).tolist())) < 2:
         log.warning("the validation patients' B-scans are all %s: AUROC is undefined and the first "
                     "evaluation's model is kept; use more patients for a meaningful validation",
                     "HRF-positive" if (val.counts > 0).all() else "HRF-free")
-    norm = _norm_stats(train)
-    fingerprint, state_path = _fingerprint(cfg, data), out_dir / STATE_FILE
-    run, gen = _Run(_new_attempt(cfg, cfg.seed, device)), torch.Generator().manual_seed(cfg.seed)
-    batches = BalancedBatches(train, cfg.batch_size, cfg.seed)
-    if resume and state_path.exists():
-        run, state = _load_state(state_path, cfg, device, fingerprint)
-        gen.set_state(state["generator"])
-        batches.rng.bit_generator.state = state["batches_rng"]
-        log.info("resuming at step %d of %d", run.attempt.step, cfg.steps)
+    norm = procs.share(norm_stats(train) if procs.is_main else None)
+    fingerprint, state_path = _fingerprint(cfg, data, procs.world_size), out_dir / STATE_FILE
+    if procs.share(resume and state_path.exists()):
+        run = _load_state(state_path, cfg, device, fingerprint, procs)
+        if procs.is_main:
+            log.info("resuming at step %d of %d", run.attempt.step, cfg.steps)
+    else:
+        run = _Run(_new_attempt(cfg, cfg.seed, device, procs))
+    batches = _batches(train, cfg, run.attempt, procs, workers)
     losses: list[float] = []
     bar = tqdm(total=cfg.steps, initial=run.attempt.step, disable=not progress, desc="train", unit="step")
     while run.attempt.step < cfg.steps:
         start = time.perf_counter()
-        losses.append(_train_step(run.attempt, cfg, train, batches.next(), norm, gen, device))
+        x, counts = next(batches)
+        losses.append(_train_step(run.attempt, cfg, x, counts, norm, device, procs.rank))
         bar.update(1)
         if run.attempt.step % cfg.eval_every == 0 or run.attempt.step == cfg.steps:
-            m = _evaluate(run, cfg, val, norm, device, float(np.mean(losses[-cfg.eval_every:])))
-            bar.set_postfix(loss=f"{m['loss']:.3f}", val_auroc=f"{m['auroc']:.3f}")
-            if _should_restart(run, cfg):
-                log.warning("validation AUROC %.2f after %d steps: restarting with seed %d",
-                            run.attempt.best_auroc, run.attempt.step, run.attempt.seed + 1)
-                run.restarts.append({"seed": run.attempt.seed, "step": run.attempt.step, "best_auroc": run.attempt.best_auroc})
-                run.attempt = _new_attempt(cfg, run.attempt.seed + 1, device)
+            restart = False
+            if procs.is_main:
+                m = _evaluate(run, cfg, val, norm, device, float(np.mean(losses[-cfg.eval_every:])))
+                bar.set_postfix(loss=f"{m['loss']:.3f}", val_auroc=f"{m['auroc']:.3f}")
+                restart = _should_restart(run, cfg)
+            if procs.share(restart):
+                if procs.is_main:
+                    log.warning("validation AUROC %.2f after %d steps: restarting with seed %d",
+                                run.attempt.best_auroc, run.attempt.step, run.attempt.seed + 1)
+                    run.restarts.append({"seed": run.attempt.seed, "step": run.attempt.step,
+                                         "best_auroc": run.attempt.best_auroc})
+                run.attempt = _new_attempt(cfg, run.attempt.seed + 1, device, procs)
+                batches = _batches(train, cfg, run.attempt, procs, workers)
                 bar.reset()
             run.seconds += time.perf_counter() - start
-            _save_state(state_path, run, gen, batches, fingerprint)
+            if procs.is_main:
+                _save_state(state_path, run, fingerprint)
         else:
             run.seconds += time.perf_counter() - start
     bar.close()
-    if run.best_state is None:
-        raise HrfBatchError("training ended without a validation result", "use more steps than --eval-every")
-    return _save_best(run, cfg, norm, _summary(cfg, run, train, val, source, device), out_dir, val, device)
+    info = None
+    if procs.is_main:
+        if run.best_state is None:
+            raise HrfBatchError("training ended without a validation result", "use more steps than --eval-every")
+        info = _save_best(run, cfg, norm, _summary(cfg, run, train, val, source, device, procs), out_dir, val, device)
+    procs.wait_for_all()
+    return info
