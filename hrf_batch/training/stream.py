@@ -216,3 +216,10 @@ def combine_streams(parts: list[tuple[str, StreamedBScans]]) -> StreamedBScans:
         np.concatenate([np.char.add(f"{name}/", p.patients.astype(str)) for name, p in parts]),
         [k for _, p in parts for k in p.keys], VolumeCache(parts[0][1].cache.max_bytes),
     )
+
+
+def stream_labels(study_dir: Path, labels: Path | None, cache_bytes: int = DEFAULT_CACHE_BYTES) -> StreamedBScans:
+    """A study's B-scans streamed with the labels of ``labels`` (CSV) or else its ground truth."""
+    if labels is not None:
+        return stream_csv_labels(labels, study_dir, cache_bytes)
+    return stream_study_labels(study_dir, cache_bytes)
