@@ -25,7 +25,8 @@ class Settings:
     segmenter: str = "auto"  # auto | sam2 | region
     sam2_checkpoint: str | None = None
     sam2_size: str = "tiny"
-    batch_size: int | None = None  # None: 8 on CUDA, 2 on CPU (bigger batches were slower there)
+    batch_size: int | None = None  # None: fitted to free memory on CUDA, 2 on CPU (bigger batches were slower there)
+    precision: str = "auto"  # auto | fp32 | bf16; auto: bf16 on CUDA, fp32 on CPU
     box_px: int = 4
     crop_px: int = 75
     max_iterations: int = 6

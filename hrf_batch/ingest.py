@@ -10,6 +10,10 @@ marked 'running' plus a lock that ends with the process. Two ingests on one data
 study: a volume another live ingest holds is skipped and counted as such, and a claim left by a killed
 ingest is taken over by the next one.
 
+The next file is read and decoded in a background thread while the current volume computes
+(:func:`~hrf_batch.io.prefetch.prefetch`, one volume ahead); files are still handled, and their
+failures recorded, in discovery order.
+
 Volumes enter through the same reading path as `scan` and `info` (discovery, then the readers'
 validation), which normalises the patient id (:func:`~hrf_batch.io.volume.normalise_patient_id`), so
 the id stored is the id those commands show. Nothing here logs a name or a birth date.
@@ -30,6 +34,7 @@ from tqdm import tqdm
 from hrf_batch.config import Settings
 from hrf_batch.errors import HrfBatchError, one_line
 from hrf_batch.io.discover import FileIssue, discover, display_text, read_sources
+from hrf_batch.io.prefetch import prefetch
 from hrf_batch.io.volume import Volume
 from hrf_batch.model.classify import Classifier, load_classifier
 from hrf_batch.pipeline import PipelineParams, run_info, run_volume
@@ -45,6 +50,7 @@ ALREADY_DONE = "already done"
 FAILED = "failed"
 ELSEWHERE = "elsewhere"  # being processed by another ingest at the time
 NOT_OCT = "not oct"
+READ_AHEAD = 1  # volumes read while one computes: enough to hide reading, and one more volume in memory
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,7 @@ def new_batch_id() -> str:
 
 def load_models(settings: Settings, segmenter: Segmenter | None = None) -> Models:
     """Load the classifier and the segmenter the settings name (once per process: they are the slow part)."""
-    clf = load_classifier(settings.model, settings.device, settings.batch_size)
+    clf = load_classifier(settings.model, settings.device, settings.batch_size, settings.precision)
     if segmenter is None:
         segmenter = make_segmenter(settings.segmenter, sam2_checkpoint=settings.sam2_checkpoint,
                                    sam2_size=settings.sam2_size, device=settings.device)
@@ -210,7 +216,8 @@ def ingest_study(study_dir: Path, settings: Settings, *, progress: bool = True,
         for issue in disc.issues:
             summary.add(record_issue(store, issue, summary.batch_id))
         sources = tqdm(disc.sources, desc="study", unit="source", disable=not progress)
-        for item in read_sources(sources):  # the same reading path as `scan`: a bad file is an issue, not an abort
+        # the same reading path as `scan` (a bad file is an issue, not an abort), one volume read ahead
+        for item in prefetch(read_sources(sources), READ_AHEAD, name="read-ahead"):
             if isinstance(item, FileIssue):
                 summary.add(record_issue(store, item, summary.batch_id))
                 continue

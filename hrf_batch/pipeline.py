@@ -90,9 +90,12 @@ def run_info(clf: Classifier, segmenter: Segmenter, params: PipelineParams) -> R
     """Provenance of runs with these inputs, and so the rerun key: the model id and its score
     calibration, the segmenter with its checkpoint hash *and its own parameters*, the pipeline
     parameters and the code version. Retuning anything that changes the masks makes a new run;
-    the same inputs find the old one."""
+    the same inputs find the old one. A bf16 classifier adds ``precision: "bf16"``, so its results
+    are told apart from fp32 ones, while fp32 runs keep the key they had before precision existed."""
     parameters = {**params.resolved(clf), "calibration": clf.calibration.to_dict(),
                   "segmenter_params": dict(segmenter.params)}
+    if clf.precision != "fp32":
+        parameters["precision"] = clf.precision
     return RunInfo(model_id=clf.model_id, segmenter=segmenter.name,
                    segmenter_checkpoint_sha256=segmenter.checkpoint_sha256, parameters=parameters,
                    code_version=__version__, device=str(clf.device))
