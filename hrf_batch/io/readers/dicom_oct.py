@@ -190,6 +190,32 @@ def read_dicom_oct(paths: Sequence[Path]) -> list[Volume]:
     return [_build_volume(group, localizers) for group in _group_instances(instances)]
 
 
+@dataclass(frozen=True)
+class FrameRef:
+    """Where one B-scan of a DICOM source lives: a SEG of that B-scan references this instance and frame."""
+
+    path: Path
+    sop_class_uid: str
+    sop_instance_uid: str
+    frame_number: int  # 1-based, within the instance
+    series_uid: str
+
+
+def frame_references(paths: Sequence[Path]) -> list[list[FrameRef]]:
+    """Per volume that :func:`read_dicom_oct` would return for ``paths`` (same grouping, same B-scan
+    order), the instance and frame of each B-scan; headers only, pixels are not decoded."""
+    instances = []
+    for path in (Path(p) for p in paths):
+        ds = _read_dataset(path, stop_before_pixels=True)
+        if _require_sop_class(ds, path) == OPT_SOP_CLASS:
+            instances.append(_Instance(path, ds, max(_declared_frames(ds), 1)))
+    return [
+        [FrameRef(inst.path, OPT_SOP_CLASS, _text(inst.ds, "SOPInstanceUID"), k + 1, _text(inst.ds, "SeriesInstanceUID"))
+         for inst in group for k in range(inst.n_frames)]
+        for group in _group_instances(instances)
+    ]
+
+
 def _has_dicm_magic(path: Path) -> bool:
     try:
         with open(path, "rb") as fh:
