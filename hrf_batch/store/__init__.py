@@ -36,6 +36,7 @@ from hrf_batch.store.records import (
     VisitBurden,
     VolumeBurden,
 )
+from hrf_batch.store.schema import REVIEW_VERDICTS
 from hrf_batch.store.write import utc_now
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "BScanVerdict",
     "Claim",
     "DEFAULT_SQLITE_FILE",
+    "REVIEW_VERDICTS",
     "EtdrsBurden",
     "IngestErrorRecord",
     "LayerBurden",

@@ -295,6 +295,11 @@ class Store:
         with self._transaction(f"reading run {run_id}") as session:
             return review.run_record(session, run_id)
 
+    def run_volume(self, run_id: int, *, masks: bool = True) -> StoredVolume:
+        """The volume of any run (not only the latest done one) with that run's B-scans and anatomy."""
+        with self._transaction(f"reading run {run_id}") as session:
+            return review.run_volume(session, run_id, masks)
+
     # Grader review: verdicts name the run they judge and never change the model's rows.
 
     def save_lesion_verdict(self, run_id: int, bscan_index: int, lesion_index: int, grader: str, verdict: str, *,

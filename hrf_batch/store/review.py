@@ -26,6 +26,7 @@ from hrf_batch.store.records import (
     ReviewProgress,
     ReviewState,
     RunRecord,
+    StoredVolume,
 )
 from hrf_batch.store.schema import (
     REVIEW_VERDICTS,
@@ -34,7 +35,9 @@ from hrf_batch.store.schema import (
     ReviewAddedLesionRow,
     ReviewBScanVerdictRow,
     ReviewLesionVerdictRow,
+    PatientRow,
     RunRow,
+    VisitRow,
     VolumeRow,
 )
 
@@ -59,6 +62,19 @@ def run_record(session: Session, run_id: int) -> RunRecord:
     if run is None:
         raise StoreError(f"no run {run_id} in the database", _RUN_HINT)
     return read.run_record(run)
+
+
+def run_volume(session: Session, run_id: int, masks: bool = True) -> StoredVolume:
+    """The volume of one run (any run, not only the latest) with that run's B-scans and anatomy."""
+    run = session.get(RunRow, run_id)
+    if run is None:
+        raise StoreError(f"no run {run_id} in the database", _RUN_HINT)
+    volume = session.get(VolumeRow, run.volume_pk)
+    visit = session.get(VisitRow, volume.visit_pk)
+    patient = session.get(PatientRow, visit.patient_pk)
+    return read._stored_volume(  # the one place a volume row becomes a StoredVolume
+        volume, run, patient.patient_id, visit.visit_date, read.bscans_for_run(session, run_id, masks),
+        read.run_anatomy(session, run_id, masks))
 
 
 def _done_run(session: Session, run_id: int) -> RunRow:
