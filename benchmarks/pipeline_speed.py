@@ -2,6 +2,7 @@
 over a loop that handles one B-scan at a time, both measured in the same run on the same volume.
 
 Run: .venv/bin/python benchmarks/pipeline_speed.py [--bscans 9 --width 512 --segmenter region]
+     [--device cuda --precision bf16 --batched-only]
 """
 
 from __future__ import annotations
@@ -38,30 +39,38 @@ def main() -> None:
     ap.add_argument("--sam2-checkpoint", default=None)
     ap.add_argument("--bscans", type=int, default=9)
     ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=None, help="default: 8 on CUDA, 2 on CPU")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: fitted to free memory on CUDA, 2 on CPU")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="auto: bf16 on CUDA, fp32 on CPU")
     ap.add_argument("--repeats", type=int, default=2, help="best of N for each variant")
+    ap.add_argument("--batched-only", action="store_true", help="skip the one-B-scan-at-a-time loop")
     args = ap.parse_args()
-    clf = load_classifier(args.model, args.device, args.batch_size)
+    clf = load_classifier(args.model, args.device, args.batch_size, args.precision)
     segmenter = make_segmenter(args.segmenter, sam2_checkpoint=args.sam2_checkpoint, device=args.device)
     spec = StudySpec(bscans=args.bscans, width=args.width, height=496, seed=5)
     volume, labels = synthetic_volume(np.random.default_rng(5), spec, "B001", date(2024, 1, 1), "OD", 0.6, datetime(2024, 1, 1, 9))
     params = PipelineParams()
     _one_at_a_time(Volume(volume.bscans[:2], dataclasses.replace(volume.meta, positions=volume.meta.positions[:2])),
                    clf, segmenter, params)  # warm-up: first calls allocate and build kernels
-    batched, looped = float("inf"), float("inf")
+    batched, looped, looped_found = float("inf"), float("inf"), 0
     for _ in range(args.repeats):  # alternate the two so neither profits from running second
         start = time.perf_counter()
         result = run_volume(volume, clf, segmenter, params)
         batched = min(batched, time.perf_counter() - start)
-        seconds, looped_found = _one_at_a_time(volume, clf, segmenter, params)
-        looped = min(looped, seconds)
+        if not args.batched_only:
+            seconds, looped_found = _one_at_a_time(volume, clf, segmenter, params)
+            looped = min(looped, seconds)
     gt = sum(len(np.unique(lab[lab > 0])) for lab in labels)
-    print(f"model {clf.model_id} on {clf.device}, segmenter {segmenter.name}, batch size {clf.batch_size}")
+    batch = clf.batch_for(volume.bscan_shape)
+    print(f"model {clf.model_id} on {clf.device} in {clf.precision}, segmenter {segmenter.name}, "
+          f"LRP batch size {batch}{' (fitted to free memory)' if clf.fit_batch_to_memory else ''}")
     print(f"volume {volume.n_bscans} x 496 x {args.width}, {gt} ground-truth HRFs")
     print("batched pipeline, seconds by stage: " + ", ".join(f"{k} {v:.2f}" for k, v in result.run.seconds.items()))
-    print(f"batched total (best of {args.repeats})  {batched:7.2f} s   ({result.hrf_count} HRFs found)")
-    print(f"one B-scan at a time (best)  {looped:7.2f} s   ({looped_found} HRFs found)")
-    print(f"speed-up of batching {looped / batched:6.2f}x")
+    print(f"batched total (best of {args.repeats})  {batched:7.2f} s   ({result.hrf_count} HRFs found, "
+          f"{volume.n_bscans / batched:.2f} B-scans/s)")
+    if not args.batched_only:
+        print(f"one B-scan at a time (best)  {looped:7.2f} s   ({looped_found} HRFs found)")
+        print(f"speed-up of batching {looped / batched:6.2f}x")
 
 
 if __name__ == "__main__":
