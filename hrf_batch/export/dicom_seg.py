@@ -12,6 +12,7 @@ and the segmenter checkpoint, so a reader of the file knows which run made it.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,10 +84,13 @@ def build_segmentation(
         content_description="Hyperreflective foci found by hrf-batch",
         series_description="HRF segmentation (hrf-batch)",
     )
-    if len(sources) == 1:
-        seg = hd.seg.Segmentation(source_images=sources, pixel_array=pixels, omit_empty_frames=bool(pixels.any()), **common)
-    else:
-        seg = _over_single_frame_series(stored, pixels, sources, common)
+    with warnings.catch_warnings():  # highdicom checks the source's patient name form; it is the source's, not ours
+        warnings.filterwarnings("ignore", message=".*unlikely to represent the intended person name", category=UserWarning)
+        if len(sources) == 1:
+            seg = hd.seg.Segmentation(source_images=sources, pixel_array=pixels, omit_empty_frames=bool(pixels.any()),
+                                      **common)
+        else:
+            seg = _over_single_frame_series(stored, pixels, sources, common)
     seg.PatientID = patient_id
     if not include_identifiers:
         seg.PatientName = ""
