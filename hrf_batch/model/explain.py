@@ -393,7 +393,7 @@ class Explainer:
             stack.close()
 
     def explain(self, images: np.ndarray) -> Explanation:
-        """Relevance maps for display-scale B-scans ``(B, H, W)``, in batches of ``clf.batch_size``."""
+        """Relevance maps for display-scale B-scans ``(B, H, W)``, in batches of ``clf.batch_for(shape)``."""
         if self._stack is None:
             raise RuntimeError("Explainer.explain was called outside its with block; "
                                "use `with Explainer(clf) as ex: ex.explain(images)`")
