@@ -127,23 +127,24 @@ def _over_single_frame_series(
     frame), so the frames are placed by the sources' own plane positions and each SEG frame is then
     given the reference to the instance of its B-scan."""
     geometry = [_plane(ds) for ds in sources]  # needed here: highdicom places the frames by position
-    if any(g is None for g in geometry) or len({g[1] for g in geometry if g is not None}) != 1:
-        raise ExportError(
-            f"{stored.source_path}: the single-frame OCT instances lack a common plane orientation and positions, "
-            "so the SEG frames cannot be placed on them", "export the series as one multi-frame instance from the device")
-    measures = sources[0].SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    placed = [g for g in geometry if g is not None]
+    hint = "export the series as one multi-frame instance from the device"
+    if len(placed) != len(sources) or len({orientation for _, orientation, _ in placed}) != 1:
+        raise ExportError(f"{stored.source_path}: the single-frame OCT instances lack plane positions, pixel spacing or "
+                          "a common plane orientation, so the SEG frames cannot be placed on them", hint)
+    by_position = {_position_key(position): i for i, (position, _, _) in enumerate(placed)}
+    if len(by_position) != len(sources):
+        raise ExportError(f"{stored.source_path}: several single-frame OCT instances share one plane position, so the "
+                          "SEG frames cannot be told apart", hint)
+    _, orientation, measures = placed[0]
     seg = hd.seg.Segmentation(
         source_images=sources[:1], further_source_images=sources[1:], pixel_array=pixels,
-        plane_positions=[hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, g[0]) for g in geometry if g],
-        plane_orientation=hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, geometry[0][1]),  # type: ignore[index]
+        plane_positions=[hd.PlanePositionSequence(hd.CoordinateSystemNames.PATIENT, position) for position, _, _ in placed],
+        plane_orientation=hd.PlaneOrientationSequence(hd.CoordinateSystemNames.PATIENT, orientation),
         pixel_measures=hd.PixelMeasuresSequence(measures.PixelSpacing, measures.get("SliceThickness")),
         omit_empty_frames=bool(pixels.any()),
         **common,
     )
-    by_position = {_position_key(g[0]): i for i, g in enumerate(geometry) if g}
-    if len(by_position) != len(sources):
-        raise ExportError(f"{stored.source_path}: several single-frame OCT instances share one plane position, so the "
-                          "SEG frames cannot be told apart", "export the series as one multi-frame instance from the device")
     for group in seg.PerFrameFunctionalGroupsSequence:  # highdicom orders the frames by position, not by B-scan
         position = tuple(float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient)
         group.DerivationImageSequence = _derivation(sources[by_position[_position_key(position)]])
@@ -154,17 +155,22 @@ def _position_key(position: Sequence[float]) -> tuple[float, ...]:
     return tuple(round(float(v), 4) for v in position)
 
 
-def _plane(ds: Dataset) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
-    """(Image Position, Image Orientation) of a single-frame OPT instance, or None without them."""
+def _plane(ds: Dataset) -> tuple[tuple[float, ...], tuple[float, ...], Dataset] | None:
+    """(Image Position, Image Orientation, Pixel Measures item) of a single-frame OPT instance, each from its
+    per-frame group or else the shared one; None when one of them is missing."""
     try:
-        frame = ds.PerFrameFunctionalGroupsSequence[0]
-        shared = ds.SharedFunctionalGroupsSequence[0]
-        position = tuple(float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient)
-        holder = frame if "PlaneOrientationSequence" in frame else shared
-        orientation = tuple(float(v) for v in holder.PlaneOrientationSequence[0].ImageOrientationPatient)
-    except (AttributeError, IndexError, KeyError, TypeError, ValueError):
+        groups = [ds.PerFrameFunctionalGroupsSequence[0], ds.SharedFunctionalGroupsSequence[0]]
+        found = {}
+        for keyword in ("PlanePositionSequence", "PlaneOrientationSequence", "PixelMeasuresSequence"):
+            found[keyword] = next(group[keyword].value[0] for group in groups if keyword in group)
+        position = tuple(float(v) for v in found["PlanePositionSequence"].ImagePositionPatient)
+        orientation = tuple(float(v) for v in found["PlaneOrientationSequence"].ImageOrientationPatient)
+        measures = found["PixelMeasuresSequence"]
+        if "PixelSpacing" not in measures:
+            return None
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError, StopIteration):
         return None
-    return position, orientation
+    return position, orientation, measures
 
 
 def _derivation(source: Dataset) -> PydicomSequence:
