@@ -8,6 +8,7 @@ Rows are sorted in Python because PostgreSQL sorts text by the server's locale a
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from datetime import date
 from typing import Any, TypeVar
 
@@ -47,13 +48,81 @@ from hrf_batch.store.schema import (
 )
 from hrf_batch.store.write import RunKey
 
+
+
+@dataclass(frozen=True)
+class ReviewBScan:
+    """A row of the `hrf_review_bscans` view: one grader's decisions on one B-scan of a run, and the
+    truth derived from them (definitions in migration 0005)."""
+
+    run_id: int
+    volume_id: int
+    model_id: str
+    patient_id: str
+    visit_date: date | None
+    eye: str
+    bscan_index: int
+    grader: str
+    tool_count: int
+    lesions_accepted: int
+    lesions_rejected: int
+    lesions_undecided: int
+    lesions_added: int
+    bscan_verdict: bool | None  # the grader's "HRF yes/no"; None when not given
+    finished: bool
+    grader_has_hrf: bool | None  # None while not finished
+    grader_count: int | None  # None while unknown
+    lesions_judged: int
+    lesions_confirmed: int
+    lesions_missed: int
+
+
+@dataclass(frozen=True)
+class ReviewAgreement:
+    """A row of the `hrf_review_agreement` view: the tool against one grader on one run's finished
+    B-scans (definitions in migration 0005; None where a denominator is 0)."""
+
+    run_id: int
+    volume_id: int
+    model_id: str
+    patient_id: str
+    visit_date: date | None
+    eye: str
+    grader: str
+    n_bscans: int
+    reviewed_bscans: int
+    tp_bscans: int
+    fn_bscans: int
+    fp_bscans: int
+    tn_bscans: int
+    lesions_judged: int
+    lesions_confirmed: int
+    lesions_missed: int
+    counted_bscans: int
+    tool_count: int
+    grader_count: int
+    abs_count_error: int
+    equal_count_bscans: int
+    sensitivity: float | None
+    specificity: float | None
+    lesion_precision: float | None
+    lesion_recall: float | None
+    mean_abs_count_error: float | None
+    count_bias: float | None
+    equal_count_share: float | None
+
+
 VIEWS: dict[str, type] = {
     "hrf_burden_volume": VolumeBurden,
     "hrf_burden_visit": VisitBurden,
     "hrf_burden_patient": PatientBurden,
     "hrf_burden_etdrs": EtdrsBurden,
     "hrf_burden_layer": LayerBurden,
+    "hrf_review_bscans": ReviewBScan,
+    "hrf_review_agreement": ReviewAgreement,
 }
+#: Integer 1/0 columns (booleans differ between the engines) read back as bool.
+_BOOL_COLUMNS = ("bscan_verdict", "finished", "grader_has_hrf")
 #: Subfields and zones are listed in their anatomical order, not alphabetically.
 _ORDER = {name: i for i, name in enumerate((*SUBFIELDS, *ZONES, ZONE_UNKNOWN))}
 _TYPED_COLUMNS = {
@@ -186,11 +255,12 @@ def _sort_key(row: Any) -> tuple:
     return (
         row.patient_id, visit_date is None, visit_date or date.min, getattr(row, "eye", ""),
         getattr(row, "volume_id", 0), _ORDER.get(getattr(row, "subfield", None) or getattr(row, "zone", None), 0),
+        getattr(row, "run_id", 0), getattr(row, "bscan_index", 0), getattr(row, "grader", ""),
     )
 
 
 def view_rows(session: Session, view: str, patient_id: str | None = None) -> list[Any]:
-    """Rows of one burden view as its dataclass, optionally for one patient, in a stable order."""
+    """Rows of one burden or review view as its dataclass, optionally for one patient, in a stable order."""
     if view not in VIEWS:
         raise StoreError(f"unknown view {view!r}", f"use one of {', '.join(VIEWS)}")
     record = VIEWS[view]
@@ -199,7 +269,15 @@ def view_rows(session: Session, view: str, patient_id: str | None = None) -> lis
     sql = f"SELECT {', '.join(names)} FROM {view}" + (" WHERE patient_id = :patient_id" if one else "")
     typed = {name: kind for name, kind in _TYPED_COLUMNS.items() if name in names}
     result = session.execute(text(sql).columns(**typed), {"patient_id": patient_id} if one else {})
-    return sorted((record(**row._mapping) for row in result), key=_sort_key)
+    return sorted((record(**_booleans(row._mapping)) for row in result), key=_sort_key)
+
+
+def _booleans(mapping: Any) -> dict[str, Any]:
+    out = dict(mapping)
+    for name in _BOOL_COLUMNS:
+        if out.get(name) is not None:
+            out[name] = bool(out[name])
+    return out
 
 
 def patient_summary(session: Session, patient_id: str) -> PatientSummary:
