@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 from datetime import date, datetime, timedelta, timezone
@@ -364,3 +365,29 @@ def test_damaged_unneeded_element_is_dropped_with_a_warning(tmp_path: Path, capl
         (got,) = read_dicom_oct([path])
     assert got.bscans.shape == (N, H, W)
     assert "(0009,1001)" in caplog.text
+
+
+@pytest.mark.parametrize("multiframe", [True, False])
+@pytest.mark.parametrize("localizer", [True, False])
+def test_written_files_pass_dciodvfy(tmp_path: Path, multiframe: bool, localizer: bool) -> None:
+    """OPT (and OP localizer) as written pass dicom3tools' IOD check; the one set-aside contradiction is
+    explained in hrf_batch.export.dciodvfy."""
+    from hrf_batch.export.dciodvfy import validate
+
+    written = write_dicom_oct(make_volume(n=3, localizer=localizer), tmp_path, multiframe=multiframe)
+    results = [validate(p) for p in written]
+    assert {r.iod for r in results} == ({"OphthalmicTomographyImage", "OphthalmicPhotography8BitImage"} if localizer
+                                        else {"OphthalmicTomographyImage"})
+    for result in results:
+        assert result.errors == (), f"{result.path.name}: {result.errors}"
+
+
+def test_uid_seed_names_the_same_objects_wherever_the_source_lies(tmp_path: Path) -> None:
+    vol = make_volume(n=2)
+    moved = Volume(vol.bscans, dataclasses.replace(vol.meta, source_path="elsewhere/moved.vol"), vol.localizer)
+    a = write_dicom_oct(vol, tmp_path / "a", uid_seed="sha/series")
+    b = write_dicom_oct(moved, tmp_path / "b", uid_seed="sha/series")
+    c = write_dicom_oct(vol, tmp_path / "c", uid_seed="other/series")
+    assert [p.name for p in a] == [p.name for p in b] and not {p.name for p in a} & {p.name for p in c}
+    series = {str(pydicom.dcmread(p, stop_before_pixels=True).SeriesInstanceUID) for p in a}
+    assert len(series) == 2 and vol.meta.series_uid not in series
