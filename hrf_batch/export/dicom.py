@@ -56,6 +56,9 @@ def export_volume_dicom(stored: StoredVolume, out_dir: Path, *, include_identifi
     if scan.frames:
         sources = _source_headers(scan)
     else:
+        if stored.eye not in ("OD", "OS"):
+            log.warning("%s: the source does not say which eye was scanned; the DICOM OCT gets Image Laterality "
+                        "'U', which the OPT definition does not allow (dciodvfy reports it)", stored.source_path)
         written = write_dicom_oct(_for_export(scan.volume, stored, include_identifiers), folder, multiframe=True,
                                   uid_seed=export_seed(stored))
         sources = [pydicom.dcmread(p, stop_before_pixels=True) for p in written if _is_opt(p)]
