@@ -95,7 +95,7 @@ class StreamedBScans:
     bscan: np.ndarray  # int (N,): B-scan index in that volume
     counts: np.ndarray  # int (N,)
     patients: np.ndarray  # str (N,)
-    keys: list[str]  # "source#eye#index", as the in-memory labels name them
+    keys: list[str]  # "source#eye#B-scan index in the volume", for reports
     cache: VolumeCache = field(default_factory=VolumeCache)
 
     @property
