@@ -1,1 +1,2 @@
-"""Training a classifier from image-level labels: augmentation and the training loop."""
+"""Training a classifier from image-level labels: augmentation, B-scan sources (in memory or
+streamed from their files), per-step batch sampling, DDP processes and the training loop."""
