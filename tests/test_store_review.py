@@ -59,7 +59,7 @@ def test_the_migrated_review_tables_match_the_models(store_url: str) -> None:
     try:
         with engine.connect() as conn:
             context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-            assert context.get_current_revision() == head_revision() == "0004"
+            assert context.get_current_revision() == head_revision() >= "0004"
             assert compare_metadata(context, Base.metadata) == []
     finally:
         engine.dispose()
@@ -184,7 +184,7 @@ def test_a_run_that_is_not_done_cannot_be_reviewed(tmp_path) -> None:
         assert store.run_record(failed.run_id).status == "failed"
 
 
-def test_0004_downgrades_to_0003_keeping_the_results_and_upgrades_again(store_url: str) -> None:
+def test_the_review_tables_downgrade_to_0003_keeping_the_results_and_upgrades_again(store_url: str) -> None:
     with open_store(store_url) as store:
         run = store.save_volume_result(make_result()).run_id
         store.save_lesion_verdict(run, 0, 0, "AB", "accept")
@@ -200,6 +200,6 @@ def test_0004_downgrades_to_0003_keeping_the_results_and_upgrades_again(store_ur
     finally:
         engine.dispose()
     assert not tables & set(REVIEW_TABLES) and row_counts(store_url, MODEL_TABLES) == before
-    assert upgrade(store_url) == "0004"
+    assert upgrade(store_url) == head_revision()
     with open_store(store_url) as store:
         assert store.review_state(run).lesion_verdicts == ()

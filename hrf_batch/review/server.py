@@ -24,8 +24,9 @@ _THREADS = 4
 class ReviewServer:
     """A started (listening) review server: its address with the token, ``run`` to serve, ``stop`` to end."""
 
-    def __init__(self, server: BaseWSGIServer | MultiSocketServer, host: str, token: str) -> None:
+    def __init__(self, server: BaseWSGIServer | MultiSocketServer, host: str, token: str, data: ReviewData) -> None:
         self._server = server
+        self._data = data
         self.token = token
         self.port = int(server.effective_port)  # type: ignore[union-attr]
         shown = f"[{host}]" if ":" in host else host
@@ -35,6 +36,15 @@ class ReviewServer:
     def url(self) -> str:
         """The address to open: the token in it lets the browser in (once, then a cookie)."""
         return f"{self.base_url}/?token={self.token}"
+
+    def banner(self) -> str:
+        """What the command prints at start: what is served, how, and the address with its token."""
+        data = self._data
+        mode = f"recording verdicts as {data.grader!r}" if data.grader else "read-only (pass --grader NAME to record verdicts)"
+        identifiers = "identifiers shown" if data.show_identifiers else "identifiers hidden"
+        return (f"Grader review of {data.store.url}: {mode}, {identifiers}.\n"
+                f"Open this address in a browser (it holds the access token):\n\n    {self.url}\n\n"
+                "Press Ctrl-C to stop.")
 
     def run(self) -> None:
         """Serve until Ctrl-C or :meth:`stop`."""
@@ -64,7 +74,7 @@ def start(store: Store, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, g
     if not _is_loopback(host):
         log.warning("the review page listens on %s: anyone who can reach this machine and has the address "
                     "with its token can read the study%s", host, "" if grader is None else " and record verdicts")
-    return ReviewServer(server, host, token)
+    return ReviewServer(server, host, token, data)
 
 
 def _is_loopback(host: str) -> bool:

@@ -188,6 +188,13 @@
     return state.selected && state.selected.kind === kind && state.selected.key === key;
   }
 
+  function label(parent, bbox, pad, text) { // beside the box; on its left near the right edge
+    const [r0, c0, , c1] = bbox;
+    const right = c1 + pad + 1 + 14 / state.zoom < width;
+    el("text", { x: right ? c1 + pad + 1 : c0 - pad - 1, y: r0, class: "label", "text-anchor": right ? "start" : "end" },
+      parent).textContent = text;
+  }
+
   function drawOverlay() {
     const svg = $("overlay");
     svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
@@ -211,7 +218,7 @@
       }
       el("path", { d: lesion.outline, class: "outline" }, g);
       el("rect", { x: c0 - pad, y: r0 - pad, width: c1 - c0 + 2 * pad, height: r1 - r0 + 2 * pad, class: "hit" }, g);
-      el("text", { x: c1 + pad + 1, y: r0, class: "label" }, g).textContent = String(lesion.index + 1);
+      label(g, lesion.bbox, pad, String(lesion.index + 1));
     }
     for (const added of view.added) {
       const [r0, c0, r1, c1] = added.bbox;
@@ -222,7 +229,7 @@
       }
       el("path", { d: added.outline, class: "outline" }, g);
       el("rect", { x: c0 - pad, y: r0 - pad, width: c1 - c0 + 2 * pad, height: r1 - r0 + 2 * pad, class: "hit" }, g);
-      el("text", { x: c1 + pad + 1, y: r0, class: "label" }, g).textContent = "+";
+      label(g, added.bbox, pad, "+");
     }
   }
 
@@ -261,7 +268,9 @@
     $("lesions").replaceChildren(...view.lesions.map((l) => {
       const verdict = l.verdict ? l.verdict + "ed" : "undecided";
       const others = Object.entries(l.others).map(([g, v]) => `${g} ${v}`).join(", ");
-      const text = `#${l.index + 1} · ${l.area_px} px · ${l.zone} · ${verdict}` + (others ? ` (${others})` : "");
+      const place = [l.zone, l.subfield].filter((p) => p && p !== "unknown").join(", ");
+      const text = `#${l.index + 1} · ${l.area_px} px` + (place ? ` · ${place}` : "") + ` · ${verdict}` +
+        (others ? ` (${others})` : "");
       const li = item(text, `${l.verdict || "undecided"}` + (isSelected("lesion", l.index) ? " selected" : ""),
         () => { state.selected = { kind: "lesion", key: l.index }; render(); });
       li.dataset.lesion = l.index;
@@ -321,6 +330,7 @@
     stage.style.height = `${height * state.zoom}px`;
     stage.classList.toggle("pixelated", state.zoom >= 2);
     $("zoom-level").textContent = `${Math.round(state.zoom * 100)} %`;
+    $("overlay").style.setProperty("--zoom", String(state.zoom)); // labels keep their size on screen
     if (anchor) { // keep the point under the cursor in place
       const ratio = state.zoom / old;
       wrap.scrollLeft = (wrap.scrollLeft + anchor.x) * ratio - anchor.x;
@@ -328,8 +338,14 @@
     }
   }
 
-  function fitWidth() {
-    setZoom(($("stage-wrap").clientWidth - 16) / width);
+  function zoomBy(factor) { // keep the middle of the viewer in place
+    const wrap = $("stage-wrap");
+    setZoom(state.zoom * factor, { x: wrap.clientWidth / 2, y: wrap.clientHeight / 2 });
+  }
+
+  function fit() { // the whole B-scan in the viewer, as large as it goes
+    const wrap = $("stage-wrap");
+    setZoom(Math.min((wrap.clientWidth - 16) / width, (wrap.clientHeight - 16) / height));
   }
 
   // ---- events -----------------------------------------------------------------------------
@@ -367,8 +383,8 @@
     prev: () => go(state.index - 1), next: () => go(state.index + 1), "next-open": nextOpen,
     accept: () => judge("accept"), reject: () => judge("reject"), clear: clearSelected,
     "hrf-yes": () => hasHrf(true), "hrf-no": () => hasHrf(false), "missed-mode": () => setMissedMode(!state.missedMode),
-    "zoom-in": () => setZoom(state.zoom * 1.25), "zoom-out": () => setZoom(state.zoom / 1.25),
-    "zoom-fit": fitWidth, "zoom-one": () => setZoom(1),
+    "zoom-in": () => zoomBy(1.25), "zoom-out": () => zoomBy(1 / 1.25),
+    "zoom-fit": fit, "zoom-one": () => setZoom(1),
     "help-open": () => { $("help").hidden = false; }, "help-close": () => { $("help").hidden = true; },
   };
   for (const [id, action] of Object.entries(buttons)) $(id).addEventListener("click", action);
@@ -386,8 +402,8 @@
     Delete: clearSelected, Backspace: clearSelected,
     y: () => hasHrf(true), x: () => hasHrf(false), m: () => setMissedMode(!state.missedMode),
     o: () => toggle("show-outlines"), h: () => toggle("show-relevance"), l: () => toggle("show-layers"),
-    "+": () => setZoom(state.zoom * 1.25), "=": () => setZoom(state.zoom * 1.25), "-": () => setZoom(state.zoom / 1.25),
-    f: fitWidth, 0: () => setZoom(1),
+    "+": () => zoomBy(1.25), "=": () => zoomBy(1.25), "-": () => zoomBy(1 / 1.25),
+    f: fit, 0: () => setZoom(1),
     "?": () => { $("help").hidden = !$("help").hidden; },
     Escape: () => { $("help").hidden = true; setMissedMode(false); },
   };
@@ -413,6 +429,6 @@
     box.classList.toggle("error", Boolean(isError));
   }
 
-  setZoom(1);
+  fit();
   load(state.index, false);
 })();
