@@ -42,8 +42,8 @@ arithmetic) over the fp32 map's total ``|R|``. Measured on the shipped model (24
 B-scans, CPU autocast, one B-scan per batch): median 0.003, 22 of 24 below 0.01, then 0.023 and 0.026
 (relevance peak unchanged) and 0.055 on the one B-scan whose bf16 peak moved (its map changed by
 half its maximum). The tolerance :data:`BF16_CONSERVATION_TOLERANCE` = 0.03 passes the first 23 and
-catches the last; a batch above it is explained again in fp32 (logged once per process). In fp32
-the error is 0 by construction, so fp32 never falls back, and the check costs one fp32 B-scan per batch.
+catches the last; a batch above it is explained again in fp32 (logged once per process). The check
+costs one fp32 B-scan per bf16 batch and covers that B-scan only; fp32 classifiers are not checked.
 """
 
 from __future__ import annotations
