@@ -34,6 +34,9 @@ def read_stored_source(stored: StoredVolume) -> SourceScan:
     hint = (f"restore the analysed file at {stored.source_path} (sha256 {stored.source_sha256[:12]}...), "
             "or ingest the current file again before exporting")
     if not stored.source_path or not path.exists():
+        if not path.is_absolute():
+            hint = (f"the path is stored as ingest was given it, relative to the folder ingest ran in ({Path.cwd()} is "
+                    f"not it): run the export from that folder, or {hint}")
         raise SourceUnavailable(f"{stored.source_path}: the analysed {stored.source_format} source is no longer there", hint)
     sources = _sources(path, stored.source_format)
     for source in sources:
