@@ -68,7 +68,7 @@
 
   async function write(method, suffix, body, message) {
     if (cfg.readOnly) {
-      say("This page is read-only.", "Start hrf-batch review with --grader NAME to record verdicts.", true);
+      say("This page is read-only", "start hrf-batch review with --grader NAME to record verdicts", true);
       return null;
     }
     if (state.busy) return null;
