@@ -286,3 +286,55 @@ def test_export_escapes_cells_a_spreadsheet_would_run(tmp_path: Path) -> None:
     assert sorted(patients) == sorted(["'=HYPERLINK(\"http://x\",\"y\")", "'@SUM(1)", "P012"])
     visits = pd.read_csv(tmp_path / "out" / "hrf_visits.csv")
     assert pd.api.types.is_numeric_dtype(visits["hrf_count"])  # numbers are not touched
+
+
+def review_first_volume(store: Store, patient: str) -> tuple[int, int]:
+    """On the patient's volume with most HRF (an HRF on every B-scan), grader AB rejects the first lesion,
+    accepts the others and says "HRF yes" on every B-scan but the last ("no": a false positive of the
+    tool); CD answers B-scan 0 only. Returns (run id, number of B-scans)."""
+    volume = max(store.volume_results(patient, masks=False), key=lambda v: sum(b.hrf_count for b in v.bscans))
+    assert all(b.hrf_count > 0 for b in volume.bscans) and volume.n_bscans > 1
+    rejected = False
+    for b in volume.bscans:
+        for les in b.lesions:
+            verdict = "reject" if not rejected else "accept"
+            rejected = True
+            store.save_lesion_verdict(volume.run.run_id, b.index, les.lesion_index, "AB", verdict)
+        store.save_bscan_verdict(volume.run.run_id, b.index, "AB", b.index < volume.n_bscans - 1)
+    store.save_bscan_verdict(volume.run.run_id, 0, "CD", True)
+    return volume.run.run_id, volume.n_bscans
+
+
+def test_cohort_csvs_carry_who_reviewed_and_the_agreement_view(study: Path, tmp_path: Path) -> None:
+    with open_store(str(tmp_path / "r.sqlite")) as store:
+        fill_store(store, study)
+        run, n = review_first_volume(store, "P001")
+        view = store.view_rows("hrf_review_agreement")
+        paths = export_cohort(store, tmp_path / "csv")
+    assert [p.name for p in paths] == list(EXPORT_FILES) and "hrf_review_agreement.csv" in EXPORT_FILES
+    volumes = pd.read_csv(tmp_path / "csv" / "hrf_volumes.csv", keep_default_na=False)
+    mine = volumes[volumes.run_id == run].iloc[0]
+    assert (mine.reviewed_bscans, mine.graders) == (n, "AB;CD")
+    assert set(volumes[volumes.run_id != run].reviewed_bscans) == {0}
+    bscans = pd.read_csv(tmp_path / "csv" / "hrf_bscans.csv", keep_default_na=False)
+    reviewed = bscans[bscans.run_id == run].sort_values("bscan_index")
+    assert list(reviewed.n_graders) == [2] + [1] * (n - 1) and list(reviewed.graders) == ["AB;CD"] + ["AB"] * (n - 1)
+    agreement = pd.read_csv(tmp_path / "csv" / "hrf_review_agreement.csv")
+    assert list(agreement.grader) == [r.grader for r in view] == ["AB", "CD"]
+    ab = agreement[agreement.grader == "AB"].iloc[0]
+    assert (ab.reviewed_bscans, ab.tp_bscans, ab.fp_bscans, ab.sensitivity, ab.specificity) == (n, n - 1, 1, 1.0, 0.0)
+    assert ab.lesion_precision == pytest.approx(view[0].lesion_precision) and ab.lesion_precision < 1.0
+
+
+def test_report_shows_the_grader_review_only_when_there_is_one(study: Path, tmp_path: Path) -> None:
+    with open_store(str(tmp_path / "p.sqlite")) as store:
+        fill_store(store, study)
+        assert "Grader review" not in pdf_text(render_patient_report(store, "P001", tmp_path / "before"))
+        run, n = review_first_volume(store, "P001")
+        (ab, cd) = [r for r in store.view_rows("hrf_review_agreement") if r.run_id == run]
+        text = flat(pdf_text(render_patient_report(store, "P001", tmp_path / "after")))
+        other = pdf_text(render_patient_report(store, "P002", tmp_path / "other"))
+    assert "Grader review" in text and "Grader review" not in other
+    precision = f"{ab.lesion_precision:.3f} ({ab.lesions_confirmed}/{ab.lesions_judged})"
+    assert f"AB {n} of {n} 1.000 ({n - 1}/{n - 1}) 0.000 (0/1) {precision}" in text
+    assert f"CD 1 of {n}" in text and cd.reviewed_bscans == 1

@@ -1,8 +1,10 @@
 """Cohort CSVs for statistics: one file per level (patient, visit, volume, B-scan, lesion) plus the
-HRF burden per ETDRS subfield and per layer zone.
+HRF burden per ETDRS subfield and per layer zone, and the tool's agreement with each grader.
 
 Patient, visit, volume, subfield and zone numbers are the rows of the SQL burden views, so a CSV and
-a SQL query give the same answer. Units are in the column names (``_mm``, ``_mm2``, ``_px``, ``_s``, ``_utc``).
+a SQL query give the same answer; the grader review columns (`reviewed_bscans`, `n_graders`,
+`graders`: who finished a B-scan of that run) and hrf_review_agreement.csv come from the review
+views (migration 0005). Units are in the column names (``_mm``, ``_mm2``, ``_px``, ``_s``, ``_utc``).
 Names, birth dates and source paths (which often carry names) are written only on request.
 """
 
@@ -18,10 +20,11 @@ import pandas as pd
 
 from hrf_batch.report.errors import ReportError
 from hrf_batch.store import PatientBurden, PatientRecord, Store, StoredVolume, VolumeBurden
+from hrf_batch.store.read import ReviewAgreement, ReviewBScan
 
 EXPORT_FILES = (
     "hrf_patients.csv", "hrf_visits.csv", "hrf_volumes.csv", "hrf_bscans.csv", "hrf_lesions.csv", "hrf_etdrs.csv",
-    "hrf_layers.csv",
+    "hrf_layers.csv", "hrf_review_agreement.csv",
 )
 
 # column name → pandas dtype; nullable dtypes so a missing delta stays empty, not "3.0" or "nan"
@@ -46,12 +49,13 @@ VOLUME_COLUMNS = {
     "params_hash": "string", "parameters_json": "string", "code_version": "string", "run_device": "string",
     "run_time_s": "Float64", "run_finished_at_utc": "string", "layer_source": "string", "fovea_method": "string",
     "fovea_bscan": "Float64", "fovea_col_px": "Float64", "fovea_x_mm": "Float64", "fovea_y_mm": "Float64",
-    "mean_thickness_um": "Float64",
+    "mean_thickness_um": "Float64", "reviewed_bscans": "Int64", "graders": "string",
 }
 BSCAN_COLUMNS = {
     "volume_id": "Int64", "run_id": "Int64", "patient_id": "string", "visit_date": "string", "eye": "string",
     "bscan_index": "Int64", "score": "Float64", "final_score": "Float64", "n_iterations": "Int64",
     "hrf_count": "Int64", "hrf_area_px": "Int64", "hrf_area_mm2": "Float64", "relevance_max": "Float64",
+    "n_graders": "Int64", "graders": "string",
 }
 LESION_COLUMNS = {
     "volume_id": "Int64", "run_id": "Int64", "patient_id": "string", "visit_date": "string", "eye": "string",
@@ -68,11 +72,19 @@ ETDRS_COLUMNS = PLACE_COLUMNS | {
 LAYER_COLUMNS = PLACE_COLUMNS | {
     "zone": "string", "n_volumes": "Int64", "hrf_count": "Int64", "hrf_area_mm2": "Float64",
 }
+AGREEMENT_COLUMNS = PLACE_COLUMNS | {
+    "volume_id": "Int64", "run_id": "Int64", "model_id": "string", "grader": "string", "n_bscans": "Int64",
+    "reviewed_bscans": "Int64", "tp_bscans": "Int64", "fn_bscans": "Int64", "fp_bscans": "Int64", "tn_bscans": "Int64",
+    "sensitivity": "Float64", "specificity": "Float64", "lesions_judged": "Int64", "lesions_confirmed": "Int64",
+    "lesions_missed": "Int64", "lesion_precision": "Float64", "lesion_recall": "Float64", "counted_bscans": "Int64",
+    "tool_count": "Int64", "grader_count": "Int64", "abs_count_error": "Int64", "equal_count_bscans": "Int64",
+    "mean_abs_count_error": "Float64", "count_bias": "Float64", "equal_count_share": "Float64",
+}
 IDENTIFIER_COLUMNS = {"patient_name": "string", "birth_date": "string"}
 
 
 def export_cohort(store: Store, out_dir: Path | str, *, include_identifiers: bool = False) -> list[Path]:
-    """Write the seven cohort CSVs (see EXPORT_FILES) into ``out_dir`` and return their paths.
+    """Write the cohort CSVs (see EXPORT_FILES) into ``out_dir`` and return their paths.
 
     Every patient appears in hrf_patients.csv, also one without results (n_visits 0). Identifiers
     (name, birth date, source path) are added as columns only with ``include_identifiers``.
@@ -80,14 +92,16 @@ def export_cohort(store: Store, out_dir: Path | str, *, include_identifiers: boo
     patients = store.list_patients(include_identifiers=include_identifiers)
     volume_view: list[VolumeBurden] = store.view_rows("hrf_burden_volume")
     volumes = {v.volume_id: v for p in patients for v in store.volume_results(p.patient_id, masks=False)}
+    reviewers = finished_by(store.view_rows("hrf_review_bscans"))
     frames = {
         "hrf_patients.csv": patients_frame(patients, store.view_rows("hrf_burden_patient"), volume_view, include_identifiers),
         "hrf_visits.csv": _frame([asdict(v) | _dates(v) for v in store.view_rows("hrf_burden_visit")], VISIT_COLUMNS),
-        "hrf_volumes.csv": volumes_frame(volume_view, volumes, include_identifiers),
-        "hrf_bscans.csv": _frame([row for v in volumes.values() for row in _bscan_rows(v)], BSCAN_COLUMNS),
+        "hrf_volumes.csv": volumes_frame(volume_view, volumes, include_identifiers, reviewers),
+        "hrf_bscans.csv": _frame([row for v in volumes.values() for row in _bscan_rows(v, reviewers)], BSCAN_COLUMNS),
         "hrf_lesions.csv": _frame([row for v in volumes.values() for row in _lesion_rows(v)], LESION_COLUMNS),
         "hrf_etdrs.csv": _frame([asdict(r) | _dates(r) for r in store.view_rows("hrf_burden_etdrs")], ETDRS_COLUMNS),
         "hrf_layers.csv": _frame([asdict(r) | _dates(r) for r in store.view_rows("hrf_burden_layer")], LAYER_COLUMNS),
+        "hrf_review_agreement.csv": agreement_frame(store.view_rows("hrf_review_agreement")),
     }
     return [_write_csv(frame, Path(out_dir) / name) for name, frame in frames.items()]
 
@@ -126,13 +140,37 @@ def patients_frame(
     return _frame(rows, PATIENT_COLUMNS | (IDENTIFIER_COLUMNS if include_identifiers else {}))
 
 
+def finished_by(rows: list[ReviewBScan]) -> dict[tuple[int, int], list[str]]:
+    """(run id, B-scan index) → the graders who finished that B-scan, sorted."""
+    out: dict[tuple[int, int], list[str]] = {}
+    for r in rows:
+        if r.finished:
+            out.setdefault((r.run_id, r.bscan_index), []).append(r.grader)
+    return {key: sorted(names) for key, names in out.items()}
+
+
+def _review_columns(reviewers: dict[tuple[int, int], list[str]], run_id: int) -> dict[str, Any]:
+    """A run's B-scans finished by at least one grader, and by whom (empty when nobody reviewed it)."""
+    mine = {index: names for (run, index), names in reviewers.items() if run == run_id}
+    graders = sorted({name for names in mine.values() for name in names})
+    return {"reviewed_bscans": len(mine), "graders": ";".join(graders) or None}
+
+
+def agreement_frame(view: list[ReviewAgreement]) -> pd.DataFrame:
+    """One row per reviewed run and grader: the `hrf_review_agreement` row."""
+    return _frame([asdict(r) | _dates(r) for r in view], AGREEMENT_COLUMNS)
+
+
 def volumes_frame(
-    view: list[VolumeBurden], volumes: dict[int, StoredVolume], include_identifiers: bool
+    view: list[VolumeBurden], volumes: dict[int, StoredVolume], include_identifiers: bool,
+    reviewers: dict[tuple[int, int], list[str]] | None = None,
 ) -> pd.DataFrame:
-    """One row per analysed volume: the `hrf_burden_volume` row with scan geometry and provenance."""
+    """One row per analysed volume: the `hrf_burden_volume` row with scan geometry, provenance and how
+    many of its run's B-scans a grader finished."""
     rows = []
     for burden in view:
         row: dict[str, Any] = asdict(burden) | _dates(burden) | {"run_finished_at_utc": _iso(burden.finished_at)}
+        row |= _review_columns(reviewers or {}, burden.run_id)
         volume = volumes.get(burden.volume_id)
         if volume is not None:
             row |= _volume_details(volume, include_identifiers)
@@ -176,13 +214,15 @@ def _where(v: StoredVolume) -> dict[str, Any]:
     }
 
 
-def _bscan_rows(v: StoredVolume) -> list[dict[str, Any]]:
+def _bscan_rows(v: StoredVolume, reviewers: dict[tuple[int, int], list[str]] | None = None) -> list[dict[str, Any]]:
     where = _where(v)
+    found = reviewers or {}
     return [
         where | {
             "bscan_index": b.index, "score": b.score, "final_score": b.final_score, "n_iterations": len(b.relevance_peaks),
             "hrf_count": b.hrf_count, "hrf_area_px": b.hrf_area_px, "hrf_area_mm2": b.hrf_area_mm2,
-            "relevance_max": b.relevance_max,
+            "relevance_max": b.relevance_max, "n_graders": len(found.get((v.run.run_id, b.index), [])),
+            "graders": ";".join(found.get((v.run.run_id, b.index), [])) or None,
         }
         for b in v.bscans
     ]
