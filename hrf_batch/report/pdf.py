@@ -28,6 +28,7 @@ from hrf_batch.report.errors import ReportError, UnknownPatientError
 from hrf_batch.report.sources import SourcePixels, SourceReader
 from hrf_batch.results import SUBFIELD_OUTSIDE, SUBFIELD_UNKNOWN, SUBFIELDS, ZONE_UNKNOWN, ZONES
 from hrf_batch.store import PatientRecord, PatientSummary, Store, StoredBScan, StoredVolume, VisitBurden
+from hrf_batch.store.read import ReviewAgreement
 from hrf_batch.store.records import EtdrsBurden, LayerBurden, StoredAnatomy
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ def patient_report_html(
         "trend_png": _data_uri(figures.trend_figure(summary.visits)) if summary.visits else None,
         "sections": sections, "gallery": gallery, "gallery_size": gallery_size,
         "anatomy": anatomy_blocks(summary, volumes),
+        "review": review_rows(store.view_rows("hrf_review_agreement", patient_id), volumes),
         "unfinished": [_unfinished_row(v, show_identifiers) for v in store.unfinished_volumes(patient_id)],
     }
     context["settings"], context["provenance"] = provenance(volumes, show_identifiers)
@@ -417,6 +419,33 @@ def _zone_block(rows: list[LayerBurden], anatomies: list[StoredAnatomy]) -> dict
         "layer_source": ", ".join(sources) if sources else ("none" if anatomies else "not stored"),
         "mean_thickness": f"{np.mean(thickness):.0f} µm" if thickness else "",
     }
+
+
+def fmt_share(num: int, den: int, value: float | None) -> str:
+    """A figure with the counts it is made of, e.g. '0.750 (3/4)'; '–' when undefined."""
+    return "–" if value is None else f"{value:.3f} ({num}/{den})"
+
+
+def review_rows(view: list[ReviewAgreement], volumes: list[StoredVolume]) -> list[dict[str, Any]]:
+    """The tool against each grader, per volume of the report: rows of the `hrf_review_agreement` view
+    for the run each volume is reported with. Empty when nobody reviewed them, so the report looks as
+    it did before review existed."""
+    labels = {v.run.run_id: _volume_label(v) for v in volumes}
+    order = {v.run.run_id: i for i, v in enumerate(volumes)}
+    rows = []
+    for r in sorted((r for r in view if r.run_id in labels), key=lambda r: (order[r.run_id], r.grader)):
+        rows.append({
+            "label": labels[r.run_id], "grader": r.grader, "reviewed": f"{r.reviewed_bscans} of {r.n_bscans}",
+            "sensitivity": fmt_share(r.tp_bscans, r.tp_bscans + r.fn_bscans, r.sensitivity),
+            "specificity": fmt_share(r.tn_bscans, r.tn_bscans + r.fp_bscans, r.specificity),
+            "precision": fmt_share(r.lesions_confirmed, r.lesions_judged, r.lesion_precision),
+            "recall": fmt_share(r.lesions_confirmed, r.lesions_confirmed + r.lesions_missed, r.lesion_recall),
+            "counts": f"{r.tool_count} / {r.grader_count}" if r.counted_bscans else "–",
+            "abs_error": "–" if r.mean_abs_count_error is None else f"{r.mean_abs_count_error:.2f}",
+            "bias": "–" if r.count_bias is None else f"{r.count_bias:+.2f}",
+            "equal": fmt_share(r.equal_count_bscans, r.counted_bscans, r.equal_count_share),
+        })
+    return rows
 
 
 def _unfinished_row(v: StoredVolume, show_identifiers: bool) -> dict[str, Any]:
