@@ -164,8 +164,16 @@ def test_a_grader_reviews_a_volume_with_keyboard_and_mouse(study: ReviewStudy, b
         browser.find_element("id", "accept").click()
         wait_for(browser, lambda d: "accept" in lesion_class(d, 1), "lesion 2 of B-scan 3 accepted")
 
-        # keyboard: next B-scan, say it has no HRF, show the relevance map
-        press(browser, "n")
+        # keyboard: after a verdict the next undecided lesion is selected; Tab and Shift+Tab move between lesions
+        wait_for(browser, lambda d: "selected" in lesion_class(d, 2), "lesion 3 selected after the verdict")
+        ActionChains(browser).key_down(Keys.SHIFT).send_keys(Keys.TAB).key_up(Keys.SHIFT).perform()
+        wait_for(browser, lambda d: "selected" in lesion_class(d, 1), "Shift+Tab to lesion 2")
+        press(browser, Keys.TAB + Keys.TAB)
+        wait_for(browser, lambda d: "selected" in lesion_class(d, 0), "Tab twice, round to lesion 1")
+
+        # keyboard: the next B-scan not yet reviewed (B-scans 2 and 3 are partly done), say it has no HRF,
+        # show the relevance map
+        press(browser, "u")
         on_bscan(browser, 3)
         press(browser, "x")
         wait_for(browser, lambda d: "chosen" in js(d, "document.getElementById('hrf-no').className"), "'no HRF'")
