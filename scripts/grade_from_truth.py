@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"graded {g.bscans} B-scans of {g.runs} runs as {args.grader!r}: {g.accepted} lesions accepted, "
-          f"{g.rejected} rejected, {g.added} HRFs added; {g.not_one_to_one} B-scans where lesions and HRFs do "
+          f"{g.rejected} rejected, {g.added} missed HRF added; {g.not_one_to_one} B-scans where lesions and HRFs do "
           f"not pair one to one; {g.skipped_volumes} volumes without ground truth skipped")
     return 0
 

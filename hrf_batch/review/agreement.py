@@ -18,6 +18,9 @@ only, a "no" wins over lesion verdicts, the count is accepted + added lesions). 
   :func:`hrf_batch.evaluation.segmentation.volume_count_errors`, as `evaluate --segmentation` reports them.
 * Grader against grader, on the B-scans both finished: Cohen's kappa on HRF yes/no, count agreement
   where both counts are known, and agreement on the model lesions both judged (a "no" rejects them all).
+
+Figures pool every reviewed run in the database (each verdict judges the run it names); the models
+of those runs are listed with them.
 """
 
 from __future__ import annotations

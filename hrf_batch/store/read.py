@@ -3,6 +3,7 @@
 "Latest done run" is defined once, in the `hrf_burden_volume` view (see migration 0002), and
 :func:`volume_results` reads the run ids from that view so reports and SQL users see the same run.
 Rows are sorted in Python because PostgreSQL sorts text by the server's locale and SQLite by bytes.
+The grader review views of migration 0005 are read the same way (:class:`ReviewBScan`, :class:`ReviewAgreement`).
 """
 
 from __future__ import annotations
