@@ -225,6 +225,32 @@ def test_batch_for_asks_the_device_only_on_cuda_without_an_explicit_batch_size(
     assert dataclasses.replace(on_cuda, fit_batch_to_memory=False).batch_for((496, 1024)) == 2
 
 
+def test_a_volume_crosses_to_the_device_once_per_batch_not_once_per_bscan(
+        tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hrf_batch.model import classify
+
+    transfers: list[int] = []
+    real = classify.to_tensor
+
+    def counted(images: np.ndarray, *args: object) -> torch.Tensor:
+        transfers.append(len(images))
+        return real(images, *args)
+
+    monkeypatch.setattr(classify, "to_tensor", counted)
+    clf = load_classifier(str(tiny_model), "cpu", batch_size=4)
+    images = np.random.default_rng(0).integers(0, 256, (10, 64, 96)).astype(np.float32)
+    raw_scores(clf, images)
+    assert transfers == [4, 4, 2]
+    transfers.clear()
+    with Explainer(clf) as explainer:
+        explainer.explain(images)
+    assert transfers == [4, 4, 2]
+    transfers.clear()
+    with Explainer(dataclasses.replace(clf, precision="bf16"), conservation_tolerance=float("inf")) as explainer:
+        explainer.explain(images)
+    assert transfers == [4, 1, 4, 1, 2, 1]  # each bf16 batch and the fp32 check of its first B-scan
+
+
 # --------------------------------------------------------------------------- CUDA (where present)
 
 
