@@ -4,6 +4,7 @@ from the ground truth gives `evaluate --segmentation`'s figures on the same B-sc
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -12,16 +13,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from alembic import command
 from click.testing import CliRunner
+from sqlalchemy import inspect
 from test_store_review import blob, make_result
 
 from hrf_batch.cli import main
 from hrf_batch.io.ground_truth import load_ground_truth
 from hrf_batch.review.agreement import cohen_kappa, count_agreement, grader_vs_grader, reviewed_figures, tool_vs_grader
-from hrf_batch.store import open_store
+from hrf_batch.store import open_store, upgrade
+from hrf_batch.store.engine import _alembic_config, make_engine, resolve_url, writer
 from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 
 from conftest import PROJECT_ROOT
+from conftest_store import row_counts
 
 LESIONS = (2, 0, 1, 3, 0)  # model lesions on B-scans 0..4
 
@@ -114,6 +119,27 @@ def test_two_graders_agree_by_kappa_counts_and_lesion_verdicts(store_url: str) -
     # B2 L0 accept/reject; B3 L0 and L1: AB's "no" rejects them, CD accepted both
     assert (pair["n_lesions_both_judged"], pair["lesion_agreement"]) == (3, 0.0)
     assert pair["lesion_kappa"] == pytest.approx(-0.8)
+
+
+def test_0005_downgrades_to_0004_keeping_the_verdicts_and_upgrades_again(store_url: str) -> None:
+    with open_store(store_url) as store:
+        review_two_graders(store)
+        before = store.view_rows("hrf_review_agreement")
+    tables = ("review_lesion_verdicts", "review_added_lesions", "review_bscan_verdicts")
+    counts = row_counts(store_url, tables)
+    engine = make_engine(resolve_url(store_url))
+    try:
+        with writer(engine).begin() as conn:
+            command.downgrade(_alembic_config(conn), "0004")
+        with engine.connect() as conn:
+            assert not {"hrf_review_bscans", "hrf_review_agreement"} & set(inspect(conn).get_view_names())
+    finally:
+        engine.dispose()
+    assert row_counts(store_url, tables) == counts
+    assert upgrade(store_url) == "0005"
+    with open_store(store_url) as store:
+        assert [dataclasses.astuple(r) for r in store.view_rows("hrf_review_agreement")] == [
+            dataclasses.astuple(r) for r in before]
 
 
 def test_cohen_kappa_and_count_agreement_by_hand() -> None:
