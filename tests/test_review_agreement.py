@@ -169,6 +169,8 @@ def test_evaluate_reviewed_prints_the_figures_and_refuses_what_does_not_fit(tmp_
     unknown = runner.invoke(main, ["evaluate", "--reviewed", "--db", str(db), "--grader", "XY"])
     assert unknown.exit_code == 1 and "grader 'XY' finished no B-scan" in unknown.output and "AB, CD" in unknown.output
     assert "give STUDY_DIR" in runner.invoke(main, ["evaluate"]).output
+    stray = runner.invoke(main, ["evaluate", str(tmp_path), "--grader", "AB"])
+    assert stray.exit_code == 2 and "--db and --grader go with --reviewed" in stray.output
     both = runner.invoke(main, ["evaluate", str(tmp_path), "--reviewed", "--db", str(db)])
     assert both.exit_code == 2 and "drop STUDY_DIR" in both.output
     empty = runner.invoke(main, ["evaluate", "--reviewed", "--db", str(tmp_path / "empty.sqlite")])
