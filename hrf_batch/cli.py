@@ -529,17 +529,40 @@ def report(ctx: click.Context, patient: str, out_dir: Path, db: str | None, show
 
 
 @main.command()
-@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path, file_okay=False), help="Folder for the CSV files.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), help="Folder for the CSV files.")
+@click.option("--dicom-seg", "dicom_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for a DICOM Segmentation per volume (and DICOM OCT of non-DICOM sources).")
+@click.option("--nifti", "nifti_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="Folder for NIfTI image and HRF label volumes with a JSON provenance sidecar.")
+@click.option("--patient", help="Only this patient (as stored) in the DICOM and NIfTI exports.")
 @click.option("--db", help="Database URL or SQLite file (default: HRF_BATCH_DB, else ./hrf_batch.sqlite).")
 @click.option("--include-identifiers", is_flag=True, help="Also export names, birth dates and file paths.")
 @click.pass_context
 @_friendly
-def export(ctx: click.Context, out_dir: Path, db: str | None, include_identifiers: bool) -> None:
-    """Write cohort CSVs per patient, visit, volume, B-scan and lesion (units in column names)."""
-    from hrf_batch.report import export_cohort
+def export(ctx: click.Context, out_dir: Path | None, dicom_dir: Path | None, nifti_dir: Path | None, patient: str | None,
+           db: str | None, include_identifiers: bool) -> None:
+    """Write cohort CSVs (--out), DICOM SEG (--dicom-seg) and NIfTI (--nifti) of the stored results."""
+    if out_dir is None and dicom_dir is None and nifti_dir is None:
+        raise click.UsageError("pass at least one output: --out, --dicom-seg or --nifti")
     from hrf_batch.store import open_store
 
     settings = _settings(ctx, db=db)
+    skipped: list[str] = []
     with open_store(settings.db) as store:
-        paths = export_cohort(store, out_dir, include_identifiers=include_identifiers)
-    click.echo("\n".join(f"wrote {p}" for p in paths))
+        if out_dir is not None:
+            from hrf_batch.report import export_cohort
+
+            paths = export_cohort(store, out_dir, include_identifiers=include_identifiers)
+            click.echo("\n".join(f"wrote {p}" for p in paths))
+        for target, kind in ((dicom_dir, "dicom"), (nifti_dir, "nifti")):
+            if target is not None:
+                from hrf_batch.export import export_dicom, export_nifti
+
+                summary = (export_dicom if kind == "dicom" else export_nifti)(
+                    store, target, patient=patient, include_identifiers=include_identifiers)
+                click.echo(summary.describe(target))
+                skipped += summary.skipped
+    for line in skipped:
+        click.echo(f"not exported: {line}", err=True)
+    if skipped:
+        raise click.ClickException(f"{len(skipped)} volume export(s) left out (listed above)")
