@@ -367,20 +367,26 @@ EXIT_PARTIAL = 3
 @click.option("--segmenter", type=click.Choice(["auto", "sam2", "region"]), help="auto: SAM 2 when its checkpoint is found, else region growing.")
 @click.option("--sam2-checkpoint", help="SAM 2.1 checkpoint file (.pt).")
 @click.option("--sam2-size", type=click.Choice(["tiny", "small", "base_plus", "large"]), help="SAM 2.1 model size.")
-@click.option("--batch-size", type=click.IntRange(1), help="B-scans per forward pass (default: 8 on CUDA, 2 on CPU).")
+@click.option("--batch-size", type=click.IntRange(1), help="B-scans per forward pass (default: fitted to free memory on "
+              "CUDA, 2 on CPU).")
 @click.option("--max-iterations", type=click.IntRange(1, 50), help="Segment-and-inpaint iterations per B-scan (default 6).")
 @click.option("--stop-score", type=click.FloatRange(0, 1), help="Stop a B-scan when its score falls below this (default 0.05).")
 @click.option("--threshold", type=click.FloatRange(0, 1), help="Decision threshold (default: the model's own).")
 @click.option("--crop-px", type=click.IntRange(50, 100), help="Crop size around the relevance peak (default 75).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="Worker processes computing files at once on this machine.")
+@click.option("--workers", type=click.IntRange(1, 64),
+              help="Worker processes computing files at once on this machine (default 1); with --ray, Ray actors "
+              "(default: one per GPU on CUDA, else one per CPU of the cluster).")
 @click.option("--devices", help="CUDA devices for the workers, comma-separated (e.g. 0,1): worker i uses cuda:<i-th, "
               "round robin>. Default: every worker uses --device.")
+@click.option("--ray", "ray_address", metavar="ADDRESS|auto|local",
+              help="Compute on a Ray cluster: HOST:PORT, auto (the cluster `ray start` made here) or local (a private "
+              "one on this machine). Several machines need a PostgreSQL --db.")
 @_guard_options
 @click.pass_context
 @_friendly
-def ingest(ctx: click.Context, study_dir: Path, quiet: bool, workers: int, devices: str | None, **flags: Any) -> None:
+def ingest(ctx: click.Context, study_dir: Path, quiet: bool, workers: int | None, devices: str | None,
+           ray_address: str | None, **flags: Any) -> None:
     """Find every OCT volume in STUDY_DIR, segment its HRFs and store them in the study database.
 
     One transaction per volume; volumes already processed with the same model, segmenter and
@@ -391,6 +397,7 @@ def ingest(ctx: click.Context, study_dir: Path, quiet: bool, workers: int, devic
 
     --workers N computes N files at once in N processes on this machine (one progress bar, one summary);
     a worker that dies fails only the file it held, which the next ingest computes.
+    --ray spreads the files over the actors of a Ray cluster; a file whose actor dies is handed to another.
     """
     import dataclasses
 
@@ -398,11 +405,17 @@ def ingest(ctx: click.Context, study_dir: Path, quiet: bool, workers: int, devic
     from hrf_batch.workers import ingest_study_workers, parse_devices, worker_device
 
     settings = _settings(ctx, **flags)
-    device_list = parse_devices(devices) if devices is not None else None
-    if workers == 1:
-        settings = dataclasses.replace(settings, device=worker_device(settings, 0, device_list))
-        summary = ingest_study(study_dir, settings, progress=not quiet)
+    if ray_address is not None:
+        from hrf_batch.cluster import ingest_study_ray
+
+        if devices is not None:
+            raise click.UsageError("--devices is for --workers on this machine; with --ray, Ray gives each actor a GPU")
+        summary = ingest_study_ray(study_dir, settings, ray_address, workers=workers, progress=not quiet)
+    elif (workers or 1) == 1:
+        device = worker_device(settings, 0, parse_devices(devices) if devices is not None else None)
+        summary = ingest_study(study_dir, dataclasses.replace(settings, device=device), progress=not quiet)
     else:
+        device_list = parse_devices(devices) if devices is not None else None
         summary = ingest_study_workers(study_dir, settings, workers, devices=device_list, progress=not quiet)
     click.echo(summary.text())
     if summary.failed:

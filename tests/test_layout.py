@@ -1,6 +1,6 @@
 """The package's layout rule, checked on every run: imports point one way along the data flow.
 
-io ← anatomy, io ← model ← segment ← pipeline ← {evaluation ← training, ingest} ← cli, with the store and the
+io ← anatomy, io ← model ← segment ← pipeline ← {evaluation ← training, ingest ← workers, cluster} ← cli, with the store and the
 reports beside them (store ← report, store ← export), never importing torch or the model; the grader review
 (review) sits above the pipeline, the store and the evaluation. The test reads every
 module's ``import`` statements (also those inside functions and under TYPE_CHECKING) and fails on
@@ -37,10 +37,11 @@ ALLOWED: dict[str, set[str]] = {
     "training": {"io", "model", "evaluation"},  # validation during training uses the evaluation metrics
     "ingest": {"config", "io", "anatomy", "model", "segment", "pipeline", "results", "store"},
     "workers": {"config", "io", "anatomy", "model", "segment", "pipeline", "results", "store", "ingest"},
+    "cluster": {"config", "io", "anatomy", "model", "segment", "pipeline", "results", "store", "ingest"},
     "export": {"io", "results", "store"},  # DICOM SEG/OCT and NIfTI: stored masks beside the source pixels
     "review": {"config", "io", "anatomy", "model", "segment", "pipeline", "results", "store", "report", "evaluation"},
     "cli": {"config", "io", "synthetic", "anatomy", "model", "segment", "results", "pipeline", "store", "report", "evaluation",
-            "training", "ingest", "workers", "export", "review"},
+            "training", "ingest", "workers", "cluster", "export", "review"},
     "__main__": {"cli"},
 }
 
