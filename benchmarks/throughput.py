@@ -1,11 +1,12 @@
-"""End-to-end ingest throughput: B-scans per second and time per stage, serial against ``--workers N``.
+"""End-to-end ingest throughput: B-scans per second and time per stage, serial against ``--workers N`` and Ray.
 
 Writes one synthetic study, then ingests it with ``hrf-batch ingest`` (as a user runs it, model loading
-included) once serially and once per worker count, each into a fresh SQLite database, and prints one
+included) once serially, once per worker count and once per Ray actor count (``--ray local``: a private
+Ray instance on this machine, its start-up included), each into a fresh SQLite database, and prints one
 Markdown table measured in one run: wall time, B-scans/s, the speed-up over serial, and the summed time
 per pipeline stage that the runs stored (anatomy, score, explain, segment).
 
-Run: .venv/bin/python benchmarks/throughput.py [--workers 2] [--volumes 8] [--bscans 13] [--width 512]
+Run: .venv/bin/python benchmarks/throughput.py [--workers 2] [--ray 2] [--volumes 8] [--bscans 13] [--width 512]
      [--device cpu|cuda|auto] [--devices 0,1] [--segmenter region]
 """
 
@@ -29,11 +30,13 @@ from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 STAGES = ("anatomy", "score", "explain", "segment")
 
 
-def _ingest(study: Path, db: Path, args: argparse.Namespace, workers: int) -> float:
+def _ingest(study: Path, db: Path, args: argparse.Namespace, workers: int, ray: bool) -> float:
     """Wall seconds of one `hrf-batch ingest` into a fresh database."""
     cmd = [str(Path(sys.executable).with_name("hrf-batch")), "ingest", str(study), "--db", str(db), "--quiet",
            "--device", args.device, "--segmenter", args.segmenter, "--workers", str(workers)]
-    if args.devices:
+    if ray:
+        cmd += ["--ray", "local"]
+    elif args.devices:
         cmd += ["--devices", args.devices]
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -58,6 +61,7 @@ def _stored(db: Path) -> tuple[int, dict[str, float]]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workers", type=int, nargs="+", default=[2], help="worker counts to compare with serial")
+    ap.add_argument("--ray", type=int, nargs="*", default=[2], help="Ray actor counts (--ray local) to compare")
     ap.add_argument("--volumes", type=int, default=8, help="volumes in the study (even: both eyes per visit)")
     ap.add_argument("--bscans", type=int, default=13)
     ap.add_argument("--width", type=int, default=512)
@@ -74,11 +78,13 @@ def main() -> None:
                          height=args.height, seed=7)
         write_synthetic_study(study, spec)
         rows = []
-        for workers in (1, *args.workers):
-            db = Path(tmp) / f"w{workers}.sqlite"
-            seconds = _ingest(study, db, args, workers)
+        runs = [("serial", 1, False)] + [(f"--workers {w}", w, False) for w in args.workers] + [
+            (f"--ray local --workers {w}", w, True) for w in args.ray]
+        for i, (name, workers, ray) in enumerate(runs):
+            db = Path(tmp) / f"run{i}.sqlite"
+            seconds = _ingest(study, db, args, workers, ray)
             n, stages = _stored(db)
-            rows.append((workers, seconds, n, stages))
+            rows.append((name, seconds, n, stages))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, GPU {gpu}; "
           f"torch {torch.__version__}; device {args.device}; segmenter {args.segmenter}")
@@ -87,8 +93,7 @@ def main() -> None:
           + " | ".join(f"{s} s (summed over workers)" for s in STAGES) + " |")
     print("|---|---|---|---|---|" + "---|" * len(STAGES))
     serial = rows[0][1]
-    for workers, seconds, n, stages in rows:
-        name = "serial" if workers == 1 else f"--workers {workers}"
+    for name, seconds, n, stages in rows:
         print(f"| {name} | {seconds:.1f} | {n} | {n / seconds:.2f} | {serial / seconds:.2f} | "
               + " | ".join(f"{stages.get(s, 0.0):.1f}" for s in STAGES) + " |")
 
