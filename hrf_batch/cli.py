@@ -579,3 +579,33 @@ def export(ctx: click.Context, out_dir: Path | None, dicom_dir: Path | None, nif
         click.echo(f"not exported: {line}", err=True)
     if skipped:
         raise click.ClickException(f"{len(skipped)} volume export(s) left out (listed above)")
+
+
+@main.command()
+@click.option("--db", help="Database URL or SQLite file (default: HRF_BATCH_DB, else ./hrf_batch.sqlite).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but 127.0.0.1 lets other machines in (with the token).")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="Port (0: any free one).")
+@click.option("--grader", help="Your name or initials; verdicts are recorded under it. Without it the page is read-only.")
+@click.option("--show-identifiers", is_flag=True, help="Show patient names, birth dates and file paths.")
+@click.option("--no-browser", is_flag=True, help="Only print the address; do not open a browser.")
+@click.pass_context
+@_friendly
+def review(ctx: click.Context, db: str | None, host: str, port: int, grader: str | None, show_identifiers: bool,
+           no_browser: bool) -> None:
+    """Serve the grader review page: accept or reject each HRF found, mark missed ones, say per B-scan HRF yes/no."""
+    import webbrowser
+
+    from hrf_batch.review.missed import SegmenterCache
+    from hrf_batch.review.server import start
+    from hrf_batch.store import open_store
+
+    settings = _settings(ctx, db=db)
+    with open_store(settings.db) as store:
+        server = start(store, host=host, port=port, grader=grader, show_identifiers=show_identifiers,
+                       segmenters=SegmenterCache(settings.sam2_checkpoint, settings.device))
+        click.echo(server.banner())
+        if not no_browser:
+            webbrowser.open(server.url)
+        server.run()
+    click.echo("review page stopped")

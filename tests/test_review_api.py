@@ -6,8 +6,12 @@ from __future__ import annotations
 import dataclasses
 import http.cookiejar
 import io
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -298,3 +302,35 @@ def test_the_server_binds_to_loopback_and_refuses_without_the_token(fresh: Revie
             server.stop()
             thread.join(10)
     assert not thread.is_alive()
+
+
+def test_the_command_prints_a_local_address_with_its_token_and_stops_on_ctrl_c(fresh: ReviewStudy) -> None:
+    command = [sys.executable, "-m", "hrf_batch", "review", "--db", fresh.db, "--port", "0", "--no-browser",
+               "--grader", "AB"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines = [process.stdout.readline() for _ in range(4)]
+        address = lines[3].strip()
+        assert "recording verdicts as 'AB'" in lines[0] and "identifiers hidden" in lines[0]
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/\?token=[\w-]{20,}", address), lines
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(address.split("?")[0], timeout=10)
+        assert refused.value.code == 403
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+        with browser.open(address, timeout=10) as answer:
+            assert answer.status == 200 and b"P001" in answer.read()
+    finally:
+        process.send_signal(signal.SIGINT)
+        rest, _ = process.communicate(timeout=20)
+    assert process.returncode == 0 and "review page stopped" in rest
+
+
+def test_the_command_refuses_an_empty_grader_name_in_one_line(fresh: ReviewStudy) -> None:
+    from click.testing import CliRunner
+
+    from hrf_batch.cli import main
+
+    result = CliRunner().invoke(main, ["review", "--db", fresh.db, "--port", "0", "--no-browser", "--grader", " "])
+    assert result.exit_code == 1 and result.output.strip() == (
+        "Error: the grader name is empty — give a grader name, e.g. your initials")
