@@ -245,9 +245,13 @@ def train(ctx: click.Context, study_dirs: tuple[Path, ...], out_dir: Path, label
 
 
 @main.command()
-@click.argument("study_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("study_dir", required=False, type=click.Path(path_type=Path, file_okay=False))
 @click.option("--model", help="Model folder (default: the shipped model).")
 @click.option("--labels", type=click.Path(path_type=Path, dir_okay=False), help="CSV labels instead of the study's ground truth (classification only).")
+@click.option("--reviewed", is_flag=True, help="Instead of a study: the stored runs against the graders' verdicts in --db, "
+              "and the graders against each other.")
+@click.option("--db", help="With --reviewed: database URL or SQLite file (default: HRF_BATCH_DB, else ./hrf_batch.sqlite).")
+@click.option("--grader", help="With --reviewed: only this grader (and the pairs they belong to).")
 @click.option("--device", help="cpu, cuda or auto.")
 @click.option("--segmentation", is_flag=True, help="Also run the pipeline and score its masks against the ground-truth masks.")
 @click.option("--anatomy", is_flag=True, help="Also score layer lines, fovea, ETDRS counts and the retina band against the study's anatomy truth.")
@@ -261,14 +265,19 @@ def train(ctx: click.Context, study_dirs: tuple[Path, ...], out_dir: Path, label
 @_guard_options
 @click.pass_context
 @_friendly
-def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Path | None, device: str | None,
-             segmentation: bool, anatomy: bool, val_study: Path | None, segmenter: str | None, sam2_checkpoint: str | None,
+def evaluate(ctx: click.Context, study_dir: Path | None, model: str | None, labels: Path | None, reviewed: bool,
+             db: str | None, grader: str | None, device: str | None, segmentation: bool, anatomy: bool,
+             val_study: Path | None, segmenter: str | None, sam2_checkpoint: str | None,
              max_iterations: int | None, stop_score: float | None, limit_volumes: int | None, as_json: bool,
              score_drop_guard: bool | None, lesion_filter: bool | None, peaks_per_iteration: int | None,
              retina_band: bool | None) -> None:
     """Score a labelled study with a model: AUROC, AP and F1 for HRF presence; with --segmentation
     also Dice, pixel recall/precision and lesion F1 after 1 and N iterations, the global- and
-    oracle-threshold baselines, and the pointing game."""
+    oracle-threshold baselines, and the pointing game. With --reviewed (no STUDY_DIR): B-scan sensitivity and
+    specificity, lesion precision/recall and count agreement of the stored runs against each grader."""
+    if reviewed or study_dir is None or db is not None or grader is not None:
+        _reviewed_report(ctx, study_dir, reviewed, db, grader, as_json, segmentation or anatomy or labels is not None)
+        return
     from hrf_batch.evaluation.classification import evaluate_classifier, format_metrics
     from hrf_batch.model.classify import load_classifier
 
@@ -298,6 +307,24 @@ def evaluate(ctx: click.Context, study_dir: Path, model: str | None, labels: Pat
         from hrf_batch.evaluation.anatomy import format_anatomy
 
         click.echo("\n" + format_anatomy(report["anatomy"]))
+
+
+def _reviewed_report(ctx: click.Context, study_dir: Path | None, reviewed: bool, db: str | None, grader: str | None,
+                     as_json: bool, study_options: bool) -> None:
+    if not reviewed and study_dir is None:
+        raise click.UsageError("give STUDY_DIR to score a labelled study, or --reviewed to score the stored runs against "
+                               "the graders' verdicts")
+    if not reviewed:
+        raise click.UsageError("--db and --grader go with --reviewed (the graders' verdicts in the database)")
+    if study_dir is not None or study_options:
+        raise click.UsageError("--reviewed reads the graders' verdicts from the database (--db); drop STUDY_DIR, "
+                               "--labels, --segmentation and --anatomy")
+    from hrf_batch.review.agreement import format_reviewed, reviewed_figures
+    from hrf_batch.store import open_store
+
+    with open_store(_settings(ctx, db=db).db) as store:
+        figures = reviewed_figures(store, grader)
+    click.echo(json.dumps(figures, indent=2, default=str) if as_json else format_reviewed(figures))
 
 
 def _segmentation_report(settings: Settings, clf: Any, study_dir: Path, val_study: Path | None,
@@ -548,15 +575,20 @@ def report(ctx: click.Context, patient: str, out_dir: Path, db: str | None, show
 @click.option("--nifti", "nifti_dir", type=click.Path(path_type=Path, file_okay=False),
               help="Folder for NIfTI image and HRF label volumes with a JSON provenance sidecar.")
 @click.option("--patient", help="Only this patient (as stored) in the DICOM and NIfTI exports.")
+@click.option("--labels", "labels_csv", type=click.Path(path_type=Path, dir_okay=False),
+              help="Training labels CSV from the graders' verdicts (reads as `hrf-batch train STUDY --labels FILE`).")
+@click.option("--grader", help="With --labels: whose verdicts (needed when several graders reviewed).")
 @click.option("--db", help="Database URL or SQLite file (default: HRF_BATCH_DB, else ./hrf_batch.sqlite).")
 @click.option("--include-identifiers", is_flag=True, help="Also export names, birth dates and file paths.")
 @click.pass_context
 @_friendly
 def export(ctx: click.Context, out_dir: Path | None, dicom_dir: Path | None, nifti_dir: Path | None, patient: str | None,
-           db: str | None, include_identifiers: bool) -> None:
+           labels_csv: Path | None, grader: str | None, db: str | None, include_identifiers: bool) -> None:
     """Write cohort CSVs (--out), DICOM SEG (--dicom-seg) and NIfTI (--nifti) of the stored results."""
-    if out_dir is None and dicom_dir is None and nifti_dir is None:
-        raise click.UsageError("pass at least one output: --out, --dicom-seg or --nifti")
+    if out_dir is None and dicom_dir is None and nifti_dir is None and labels_csv is None:
+        raise click.UsageError("pass at least one output: --out, --dicom-seg, --nifti or --labels")
+    if grader is not None and labels_csv is None:
+        raise click.UsageError("--grader picks whose verdicts go into --labels FILE; add --labels")
     from hrf_batch.store import open_store
 
     settings = _settings(ctx, db=db)
@@ -567,6 +599,10 @@ def export(ctx: click.Context, out_dir: Path | None, dicom_dir: Path | None, nif
 
             paths = export_cohort(store, out_dir, include_identifiers=include_identifiers)
             click.echo("\n".join(f"wrote {p}" for p in paths))
+        if labels_csv is not None:
+            from hrf_batch.review.labels import export_labels
+
+            click.echo(export_labels(store, labels_csv, grader=grader).text())
         for target, kind in ((dicom_dir, "dicom"), (nifti_dir, "nifti")):
             if target is not None:
                 from hrf_batch.export import export_dicom, export_nifti
