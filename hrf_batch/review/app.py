@@ -91,9 +91,8 @@ def create_app(data: ReviewData, token: str) -> Flask:
 
     @app.post("/api/run/<int:run_id>/bscan/<int:index>/added")
     def add_missed(run_id: int, index: int) -> tuple[Response, int]:
-        is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-        row = _body_field("row", is_int, "a pixel row (integer)")
-        col = _body_field("col", is_int, "a pixel column (integer)")
+        row = _body_field("row", _is_int, "a pixel row (integer)")
+        col = _body_field("col", _is_int, "a pixel column (integer)")
         added_id = data.add_missed(run_id, index, (row, col))
         return jsonify(data.bscan_view(run_id, index) | {"added_id": added_id}), 201
 
@@ -110,6 +109,10 @@ def _png(payload: bytes) -> Response:
     response = Response(payload, mimetype="image/png")
     response.headers["Cache-Control"] = "private, max-age=300"
     return response
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _body_field(name: str, valid: Any, expected: str) -> Any:
