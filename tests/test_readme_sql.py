@@ -6,6 +6,7 @@ import math
 import re
 from datetime import date
 
+import numpy as np
 import pytest
 from sqlalchemy import create_engine, text
 from test_store_anatomy import AXIAL_MM, GRID_AREA, LATERAL_MM, make_anatomy, make_meta, make_result
@@ -73,7 +74,7 @@ def test_readme_has_two_to_four_sql_examples() -> None:
 
 def test_readme_sql_examples_give_the_designed_answers(store_url: str) -> None:
     fill(store_url)
-    etdrs, outer, lesions = run_queries(store_url)
+    etdrs, outer, lesions, _review = run_queries(store_url)
 
     want_etdrs = []
     for (patient, eye, visit), (found, fovea, thickness) in sorted(COHORT.items(), key=lambda kv: kv[0][2]):
@@ -107,3 +108,23 @@ def test_readme_sql_examples_give_the_designed_answers(store_url: str) -> None:
     got_lesions = [(str(d), e, b, z, s, area) for d, e, b, z, s, area in lesions]
     assert [row[:5] for row in got_lesions] == [row[:5] for row in want_lesions]
     assert [row[5] for row in got_lesions] == pytest.approx([row[5] for row in want_lesions])
+
+
+def test_readme_review_example_gives_the_tool_against_each_grader(store_url: str) -> None:
+    """P002's volume has one lesion on B-scans 0 and 1: AB accepts the first, rejects the second and says
+    "yes" with an added HRF on B-scan 2; CD only answers "no" on B-scan 2."""
+    fill(store_url)
+    with open_store(store_url) as store:
+        (volume,) = store.volume_results("P002", masks=False)
+        run = volume.run.run_id
+        store.save_lesion_verdict(run, 0, 0, "AB", "accept")
+        store.save_lesion_verdict(run, 1, 0, "AB", "reject")
+        added = np.zeros(volume.bscan_shape, dtype=bool)
+        added[4:6, 3:5] = True
+        store.save_added_lesion(run, 2, "AB", (4, 3), added, "region-growing")
+        store.save_bscan_verdict(run, 2, "AB", True)
+        store.save_bscan_verdict(run, 2, "CD", False)
+    review = [(p, str(d), *rest) for p, d, *rest in run_queries(store_url)[3]]
+    # AB: tool+/grader+ on B0, tool+/grader- on B1, tool-/grader+ on B2; counts 1/1, 1/0, 0/1
+    assert review == [("P002", "2024-02-01", "OD", "AB", 3, 0.5, 0.0, 0.5, 0.5, pytest.approx(2 / 3)),
+                      ("P002", "2024-02-01", "OD", "CD", 1, None, 1.0, None, None, 0.0)]
