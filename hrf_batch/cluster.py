@@ -115,6 +115,10 @@ def database_for_workers(db: str | None, nodes: int) -> str:
 def ingest_study_ray(study_dir: Path, settings: Settings, address: str, *, workers: int | None = None,
                      progress: bool = True) -> IngestSummary:
     """Ingest ``study_dir`` like :func:`~hrf_batch.ingest.ingest_study`, with Ray actors computing."""
+    if address not in (LOCAL, "auto"):
+        # Ray sends its token by itself only to a cluster it finds on this machine; for an address it must be told,
+        # before it is imported (its core reads the mode then). Token authentication is never switched off here.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     start = time.perf_counter()

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +22,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
+from sqlalchemy import create_engine, inspect
 from sqlalchemy.exc import SQLAlchemyError
 
 from hrf_batch.cli import main
@@ -166,3 +171,44 @@ def test_devices_are_for_local_workers_not_for_ray(small_study: Path, tiny_model
     result = CliRunner().invoke(main, ["ingest", str(small_study), "--db", str(tmp_path / "d.sqlite"), "--ray", "local",
                                        "--devices", "0"])
     assert result.exit_code == 2 and "--devices is for --workers on this machine" in result.output
+
+
+@pytest.fixture
+def ray_head(tmp_path: Path) -> Any:
+    """A Ray cluster started by `ray start --head` with a token of its own, as on a real head machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    token = secrets.token_hex(32)
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    subprocess.run([ray_cli, "start", "--head", "--port", str(port), "--num-cpus", "2", "--include-dashboard", "false",
+                    "--disable-usage-stats"], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield f"127.0.0.1:{port}", token
+    finally:
+        subprocess.run([ray_cli, "stop"], capture_output=True, timeout=120, check=False)
+
+
+@pytest.mark.slow
+def test_a_cluster_started_with_ray_start_is_joined_by_address_with_its_token_and_refused_without(
+        ray_head: Any, pg_cluster: Any, small_study: Path, tiny_model: Path, serial_url: str) -> None:
+    address, token = ray_head
+    url = pg_cluster.create_database()
+    cmd = [str(Path(sys.executable).with_name("hrf-batch")), "ingest", str(small_study), "--db", url, "--model",
+           str(tiny_model), "--device", "cpu", "--segmenter", "region", "--max-iterations", "2", "--no-lesion-filter",
+           "--no-retina-band", "--quiet", "--ray", address]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    refused = subprocess.run(cmd, env={**env, "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1, refused.stdout + refused.stderr
+    assert f"cannot join the Ray cluster at '{address}'" in refused.stderr and "token" in refused.stderr
+    engine = create_engine(url)
+    try:
+        assert inspect(engine).get_table_names() == []  # refused before the database was touched
+    finally:
+        engine.dispose()
+
+    joined = subprocess.run(cmd, env={**env, "RAY_AUTH_TOKEN": token}, capture_output=True, text=True, timeout=300)
+    assert joined.returncode == 0, joined.stdout + joined.stderr
+    assert f"volumes: {N_VOLUMES} processed, 0 already done (skipped), 0 failed" in joined.stdout
+    assert stored_rows(url) == stored_rows(serial_url)
