@@ -84,7 +84,7 @@ def test_new_database_is_created_at_head_and_matches_the_models(store_url: str) 
             assert set(TABLES) <= set(found.get_table_names())
             assert set(VIEWS) <= set(found.get_view_names())
             context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-            assert context.get_current_revision() == head_revision() == "0003"
+            assert context.get_current_revision() == head_revision() == "0005"
             # the frozen migrations and the ORM models describe the same schema
             assert compare_metadata(context, Base.metadata) == []
     finally:
@@ -259,8 +259,8 @@ def test_old_sqlite_database_is_refused_then_upgraded(tmp_path: Path) -> None:
     shutil.copy(ASSETS / "store_0001.sqlite", path)
     with pytest.raises(SchemaOutdatedError, match="hrf-batch db upgrade") as info:
         open_store(str(path))
-    assert (info.value.current, info.value.head) == ("0001", "0003")
-    assert upgrade(str(path)) == "0003"
+    assert (info.value.current, info.value.head) == ("0001", "0005")
+    assert upgrade(str(path)) == "0005"
     with open_store(f"sqlite:///{path}") as store:
         (volume,) = store.view_rows("hrf_burden_volume")
         (stored,) = store.volume_results("OLD01")
@@ -274,7 +274,7 @@ def test_old_postgresql_database_is_refused_then_upgraded(pg_cluster) -> None:  
     assert upgrade(url, "0001") == "0001"
     with pytest.raises(SchemaOutdatedError, match="run `hrf-batch db upgrade`"):
         open_store(url)
-    assert upgrade(url) == "0003"
+    assert upgrade(url) == "0005"
     with open_store(url) as store:
         store.save_volume_result(make_result())
         assert store.view_rows("hrf_burden_patient")[0].latest_hrf_count == 3
@@ -329,7 +329,8 @@ def test_migrations_ship_inside_the_package() -> None:
     assert {"hrf_batch.store.migrations", "hrf_batch.store.migrations.versions"} <= set(packages)
     assert MIGRATIONS_DIR == PROJECT_ROOT / "hrf_batch" / "store" / "migrations"
     revisions = sorted(p.name for p in (MIGRATIONS_DIR / "versions").glob("0*.py"))
-    assert revisions == ["0001_core_tables.py", "0002_burden_views.py", "0003_anatomy.py"]
+    assert revisions == ["0001_core_tables.py", "0002_burden_views.py", "0003_anatomy.py", "0004_review.py",
+                         "0005_review_views.py"]
 
 
 def test_readme_queries_give_the_designed_answers(store_url: str) -> None:

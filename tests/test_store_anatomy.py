@@ -156,7 +156,7 @@ def test_migrated_schema_is_at_0003_and_matches_the_models(store_url: str) -> No
     try:
         with engine.connect() as conn:
             context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
-            assert context.get_current_revision() == head_revision() == "0003"
+            assert context.get_current_revision() == head_revision() == "0005"
             assert compare_metadata(context, Base.metadata) == []
     finally:
         engine.dispose()
@@ -280,8 +280,8 @@ def test_a_0002_sqlite_database_upgrades_keeping_every_row(tmp_path: Path) -> No
     assert before == {"patients": 1, "visits": 2, "volumes": 2, "runs": 3, "bscans": 4, "lesions": 4}
     with pytest.raises(SchemaOutdatedError) as info:
         open_store(url)
-    assert (info.value.current, info.value.head) == ("0002", "0003")
-    assert upgrade(url) == "0003"
+    assert (info.value.current, info.value.head) == ("0002", "0005")
+    assert upgrade(url) == "0005"
     assert row_counts(url, TABLES) == before
     engine = create_engine(url)
     with engine.connect() as conn:
@@ -299,7 +299,7 @@ def test_a_0002_postgresql_database_upgrades_keeping_every_row(pg_cluster) -> No
         _load_asset_script().fill(conn)
     engine.dispose()
     before = row_counts(url, TABLES)
-    assert upgrade(url) == "0003" and row_counts(url, TABLES) == before
+    assert upgrade(url) == "0005" and row_counts(url, TABLES) == before
     _check_upgraded(url)
 
 
@@ -319,7 +319,7 @@ def test_0003_downgrades_to_0002_keeping_the_lesions_and_upgrades_again(store_ur
     finally:
         engine.dispose()
     assert row_counts(store_url, TABLES) == before
-    assert upgrade(store_url) == "0003"
+    assert upgrade(store_url) == "0005"
     with open_store(store_url) as store:
         (volume,) = store.volume_results(patient, masks=False)
     assert volume.anatomy is None and {les.zone for b in volume.bscans for les in b.lesions} == {"unknown"}
