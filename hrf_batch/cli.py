@@ -96,7 +96,8 @@ def _format_info(summary: dict[str, Any]) -> str:
 
 
 def _guard_options(func: Callable[..., Any]) -> Callable[..., Any]:
-    """The loop's guards as flags (default: the settings', i.e. all on, one peak per iteration)."""
+    """The loop's guards and the model's precision as flags (default: the settings', i.e. guards on,
+    one peak per iteration, precision auto)."""
     func = click.option("--retina-band/--no-retina-band", default=None,
                         help="Prompt and keep lesions only between the ILM and Bruch's membrane (default on).")(func)
     func = click.option("--peaks-per-iteration", type=click.IntRange(1, 20),
@@ -105,6 +106,9 @@ def _guard_options(func: Callable[..., Any]) -> Callable[..., Any]:
                         help="Keep only lesions of HRF size, shape and contrast (default on).")(func)
     func = click.option("--score-drop-guard/--no-score-drop-guard", default=None,
                         help="Stop a B-scan when inpainting what was found does not lower its score (default off).")(func)
+    func = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),
+                        help="Model arithmetic: bf16 (autocast; LRP checked for conservation) or fp32 "
+                        "(default auto: bf16 on CUDA, fp32 on CPU).")(func)
     return func
 
 
@@ -270,7 +274,7 @@ def evaluate(ctx: click.Context, study_dir: Path | None, model: str | None, labe
              val_study: Path | None, segmenter: str | None, sam2_checkpoint: str | None,
              max_iterations: int | None, stop_score: float | None, limit_volumes: int | None, as_json: bool,
              score_drop_guard: bool | None, lesion_filter: bool | None, peaks_per_iteration: int | None,
-             retina_band: bool | None) -> None:
+             retina_band: bool | None, precision: str | None) -> None:
     """Score a labelled study with a model: AUROC, AP and F1 for HRF presence; with --segmentation
     also Dice, pixel recall/precision and lesion F1 after 1 and N iterations, the global- and
     oracle-threshold baselines, and the pointing game. With --reviewed (no STUDY_DIR): B-scan sensitivity and
@@ -284,8 +288,8 @@ def evaluate(ctx: click.Context, study_dir: Path | None, model: str | None, labe
     settings = _settings(ctx, model=model, device=device, segmenter=segmenter, sam2_checkpoint=sam2_checkpoint,
                          max_iterations=max_iterations, stop_score=stop_score, score_drop_guard=score_drop_guard,
                          lesion_filter=lesion_filter, peaks_per_iteration=peaks_per_iteration,
-                         retina_band=retina_band)
-    clf = load_classifier(settings.model, settings.device, settings.batch_size)
+                         retina_band=retina_band, precision=precision)
+    clf = load_classifier(settings.model, settings.device, settings.batch_size, settings.precision)
     metrics = evaluate_classifier(clf, _labelled(study_dir, labels))
     report: dict[str, Any] = {"classification": metrics}
     if segmentation:
