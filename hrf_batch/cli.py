@@ -216,30 +216,45 @@ def _labelled(study_dir: Path, labels: Path | None) -> LabelledBScans:
 @click.option("--max-lr", default=1e-3, show_default=True, type=float, help="OneCycle peak learning rate.")
 @click.option("--eval-every", default=100, show_default=True, type=click.IntRange(1), help="Validate every N steps.")
 @click.option("--val-fraction", default=0.2, show_default=True, type=click.FloatRange(0.05, 0.5), help="Share of patients held out.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed for the split, init and batches.")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0), help="Seed for the split, init and batches.")
 @click.option("--device", help="cpu, cuda or auto (default: HRF_BATCH_DEVICE, else auto).")
 @click.option("--alexnet-weights", type=click.Path(path_type=Path, dir_okay=False), help="Local ImageNet AlexNet weights for MIL presets.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/train_state.pt.")
+@click.option("--stream", is_flag=True, help="Read B-scans from their files as training needs them (memory does not grow "
+              "with the study; same model as without). Default: load all first.")
+@click.option("--cache-mb", default=256, show_default=True, type=click.IntRange(1), help="With --stream: decoded volumes kept in memory.")
+@click.option("--loader-workers", default=0, show_default=True, type=click.IntRange(0, 64), help="Processes reading batches ahead.")
 @click.pass_context
 @_friendly
 def train(ctx: click.Context, study_dirs: tuple[Path, ...], out_dir: Path, labels: Path | None, preset: str, task: str,
           steps: int, batch_size: int, max_lr: float, eval_every: int, val_fraction: float, seed: int,
-          device: str | None, alexnet_weights: Path | None, resume: bool) -> None:
+          device: str | None, alexnet_weights: Path | None, resume: bool, stream: bool, cache_mb: int,
+          loader_workers: int) -> None:
     """Train a B-scan classifier from image-level labels of one or more studies (patients kept
-    apart per study); the best model by validation AUROC is kept and its scores calibrated."""
+    apart per study); the best model by validation AUROC is kept and its scores calibrated.
+
+    On several GPUs (or CPU processes): torchrun --nproc_per_node N -m hrf_batch train ...
+    (--batch-size B-scans per process; only process 0 writes OUT)."""
     from hrf_batch.io.labels import combine
+    from hrf_batch.training.stream import combine_streams, stream_labels
     from hrf_batch.training.train import TrainConfig, train_model
 
     if labels is not None and len(study_dirs) > 1:
         raise click.UsageError("--labels describes one study; train on one study with it, or drop --labels to use "
                                "each study's ground truth")
     settings = _settings(ctx, device=device)
-    data = combine([(d.resolve().name, _labelled(d, labels)) for d in study_dirs])
+    if stream:
+        data = combine_streams([(d.resolve().name, stream_labels(d, labels, cache_mb * 2**20)) for d in study_dirs])
+    else:
+        data = combine([(d.resolve().name, _labelled(d, labels)) for d in study_dirs])
     cfg = TrainConfig(preset=preset, task=task, steps=steps, batch_size=batch_size, max_lr=max_lr, eval_every=eval_every,
                       val_fraction=val_fraction, seed=seed, device=settings.device,
                       alexnet_weights=str(alexnet_weights) if alexnet_weights else None,
                       takeoff_steps=min(300, steps // 2))
-    info = train_model(data, cfg, out_dir, source=", ".join(str(d) for d in study_dirs), resume=resume)
+    info = train_model(data, cfg, out_dir, source=", ".join(str(d) for d in study_dirs), resume=resume,
+                       workers=loader_workers)
+    if info is None:  # another process of a torchrun launch: process 0 reports
+        return
     m = info.config.metrics
     def num(key: str) -> str:
         return f"{m[key]:.3f}" if isinstance(m.get(key), (int, float)) else "undefined"
