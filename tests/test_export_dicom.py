@@ -157,7 +157,7 @@ def test_seg_references_the_dicom_source_instances_and_the_written_opt(
 def test_reexport_writes_identical_uids(study_db: tuple[Path, str], exported: tuple[Path, dict[str, list[Path]]],
                                         tmp_path: Path) -> None:
     with open_store(study_db[1]) as store:
-        again = export_dicom(store, tmp_path / "again")
+        export_dicom(store, tmp_path / "again")
 
     def uids(root: Path) -> set[tuple[str, str, str, str]]:
         found = set()

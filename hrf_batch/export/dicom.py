@@ -18,9 +18,8 @@ from pathlib import Path
 import pydicom
 
 from hrf_batch.export.dicom_seg import build_segmentation, write_segmentation
-from hrf_batch.export.errors import ExportError
 from hrf_batch.export.sources import SourceScan, read_stored_source
-from hrf_batch.export.volumes import ExportSummary, stored_masks, stored_volumes, volume_folder
+from hrf_batch.export.volumes import ExportSummary, export_each, stored_masks, volume_folder
 from hrf_batch.io.volume import Volume
 from hrf_batch.io.writers.dicom import OPT_SOP_CLASS, write_dicom_oct
 from hrf_batch.store import Store, StoredVolume
@@ -35,16 +34,8 @@ def export_dicom(store: Store, out_dir: Path, *, patient: str | None = None,
     A volume whose source is gone or changed is left out with its reason in ``skipped``; the others
     are still written.
     """
-    summary = ExportSummary()
-    for stored in stored_volumes(store, patient):
-        try:
-            folder, files = export_volume_dicom(stored, Path(out_dir), include_identifiers=include_identifiers)
-        except ExportError as exc:
-            log.info("not exported: %s", exc)
-            summary.skipped.append(str(exc))
-            continue
-        summary.written[str(folder)] = files
-    return summary
+    return export_each(store, patient,
+                       lambda stored: export_volume_dicom(stored, Path(out_dir), include_identifiers=include_identifiers))
 
 
 def export_volume_dicom(stored: StoredVolume, out_dir: Path, *, include_identifiers: bool = False) -> tuple[Path, list[Path]]:

@@ -21,9 +21,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from hrf_batch.export.errors import ExportError
 from hrf_batch.export.sources import read_stored_source
-from hrf_batch.export.volumes import ExportSummary, stored_masks, stored_volumes, volume_folder
+from hrf_batch.export.volumes import ExportSummary, export_each, stored_masks, volume_folder
 from hrf_batch.store import Store, StoredVolume
 
 log = logging.getLogger(__name__)
@@ -39,16 +38,8 @@ def export_nifti(store: Store, out_dir: Path, *, patient: str | None = None,
                  include_identifiers: bool = False) -> ExportSummary:
     """Image, label and sidecar of every stored volume, or of one patient's; a volume whose source is
     gone or changed is left out with its reason in ``skipped``."""
-    summary = ExportSummary()
-    for stored in stored_volumes(store, patient):
-        try:
-            folder, files = export_volume_nifti(stored, Path(out_dir), include_identifiers=include_identifiers)
-        except ExportError as exc:
-            log.info("not exported: %s", exc)
-            summary.skipped.append(str(exc))
-            continue
-        summary.written[str(folder)] = files
-    return summary
+    return export_each(store, patient,
+                       lambda stored: export_volume_nifti(stored, Path(out_dir), include_identifiers=include_identifiers))
 
 
 def voxel_sizes_mm(stored: StoredVolume) -> tuple[float, float, float]:

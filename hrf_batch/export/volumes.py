@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from hrf_batch.errors import HrfBatchError
+from hrf_batch.export.errors import ExportError
 from hrf_batch.store import Store, StoredVolume
+
+log = logging.getLogger(__name__)
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
@@ -42,6 +46,22 @@ def stored_volumes(store: Store, patient: str | None = None) -> Iterator[StoredV
         patients = [patient]
     for patient_id in patients:
         yield from store.volume_results(patient_id, masks=True)
+
+
+def export_each(store: Store, patient: str | None,
+                export_one: Callable[[StoredVolume], tuple[Path, list[Path]]]) -> ExportSummary:
+    """``export_one`` for every stored volume (or one patient's); a volume it refuses (source gone or changed)
+    is left out with its reason in ``skipped`` and the others are still written."""
+    summary = ExportSummary()
+    for stored in stored_volumes(store, patient):
+        try:
+            folder, files = export_one(stored)
+        except ExportError as exc:
+            log.info("not exported: %s", exc)
+            summary.skipped.append(str(exc))
+            continue
+        summary.written[str(folder)] = files
+    return summary
 
 
 def stored_masks(stored: StoredVolume) -> np.ndarray:
