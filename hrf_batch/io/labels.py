@@ -67,7 +67,8 @@ def combine(parts: list[tuple[str, LabelledBScans]]) -> LabelledBScans:
     )
 
 
-def _as_uint8(bscans: np.ndarray) -> np.ndarray:
+def as_uint8(bscans: np.ndarray) -> np.ndarray:
+    """B-scans as training sees them (display scale rounded to 8 bits), the same in memory and streamed."""
     return np.clip(np.rint(bscans), 0, 255).astype(np.uint8)
 
 
@@ -75,7 +76,7 @@ def _collect(volumes: list[tuple[Volume, np.ndarray, np.ndarray | None]]) -> Lab
     images, counts, patients, masks, keys = [], [], [], [], []
     have_masks = all(m is not None for _, _, m in volumes)
     for vol, vol_counts, vol_masks in volumes:
-        pixels = _as_uint8(vol.bscans)
+        pixels = as_uint8(vol.bscans)
         for i in range(vol.n_bscans):
             images.append(pixels[i])
             counts.append(int(vol_counts[i]))
@@ -131,12 +132,17 @@ def _row_count(row: dict[str, str], csv_path: Path, line: int) -> int:
     return value
 
 
+def wanted_bscans(csv_path: Path) -> dict[tuple[str, str], dict[int, int]]:
+    """The labels CSV as {(file, eye or ""): {B-scan index: HRF count}}, checked row by row."""
+    wanted: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
+    for line, row in enumerate(_read_csv(Path(csv_path)), start=2):
+        wanted[(row["file"], row.get("eye", "") or "")][int(row["bscan_index"])] = _row_count(row, Path(csv_path), line)
+    return wanted
+
+
 def load_csv_labels(csv_path: Path, study_dir: Path) -> LabelledBScans:
     """B-scans named in a labels CSV (paths relative to ``study_dir``)."""
-    rows = _read_csv(Path(csv_path))
-    wanted: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
-    for line, row in enumerate(rows, start=2):
-        wanted[(row["file"], row.get("eye", "") or "")][int(row["bscan_index"])] = _row_count(row, Path(csv_path), line)
+    wanted = wanted_bscans(csv_path)
     found = []
     for (file, eye), by_index in sorted(wanted.items()):
         volumes = [v for v in read_volumes(Path(study_dir) / file) if eye in ("", v.meta.eye)]

@@ -23,7 +23,7 @@ import numpy as np
 from hrf_batch.errors import LabelError
 from hrf_batch.io.discover import FileIssue, discover, read_sources
 from hrf_batch.io.ground_truth import has_ground_truth, manifest_path
-from hrf_batch.io.labels import _as_uint8, _read_csv, _row_count
+from hrf_batch.io.labels import as_uint8, wanted_bscans
 from hrf_batch.io.readers import read_source, read_volumes
 from hrf_batch.io.volume import Volume
 
@@ -48,7 +48,7 @@ class VolumeRef:
         if self.position >= len(volumes):
             raise LabelError(f"{self.paths[0]} no longer holds the volume listed when training started",
                              "do not change the study while training on it; start the training again")
-        pixels = _as_uint8(volumes[self.position].bscans)
+        pixels = as_uint8(volumes[self.position].bscans)
         if pixels.shape != (self.n_bscans, *self.shape):
             raise LabelError(f"{self.paths[0]} changed while training: B-scans {pixels.shape}, listed as "
                              f"{(self.n_bscans, *self.shape)}", "do not change the study while training on it")
@@ -138,10 +138,7 @@ def _ref(paths: tuple[Path, ...], fmt: str | None, position: int, vol: Volume) -
 
 def stream_csv_labels(csv_path: Path, study_dir: Path, cache_bytes: int = DEFAULT_CACHE_BYTES) -> StreamedBScans:
     """The B-scans named in a labels CSV (as :func:`~hrf_batch.io.labels.load_csv_labels` reads it), streamed."""
-    rows = _read_csv(Path(csv_path))
-    wanted: dict[tuple[str, str], dict[int, int]] = defaultdict(dict)
-    for line, row in enumerate(rows, start=2):
-        wanted[(row["file"], row.get("eye", "") or "")][int(row["bscan_index"])] = _row_count(row, Path(csv_path), line)
+    wanted = wanted_bscans(csv_path)
 
     def found() -> Iterator[tuple[VolumeRef, Volume, list[int], list[int]]]:
         for (file, eye), by_index in sorted(wanted.items()):
