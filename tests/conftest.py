@@ -96,6 +96,57 @@ def small_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+#: Ingest settings for the small study: the lesion filter and the retina band off, so that the tiny random
+#: model's B-scans do give lesions to compare between ingests.
+SMALL_STUDY_FLAGS = {"model": None, "device": "cpu", "segmenter": "region", "max_iterations": 2, "lesion_filter": False,
+                     "retina_band": False}
+
+
+def small_study_ingest_args(study: Path, url: str, model: Path) -> list[str]:
+    """`hrf-batch ingest` arguments with :data:`SMALL_STUDY_FLAGS`."""
+    return ["ingest", str(study), "--db", url, "--model", str(model), "--device", "cpu", "--segmenter", "region",
+            "--max-iterations", "2", "--no-lesion-filter", "--no-retina-band", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def serial_url(tmp_path_factory: pytest.TempPathFactory, small_study: Path, tiny_model: Path) -> str:
+    """A serial ingest of the small study into a SQLite database of its own: the reference for the worker and Ray
+    ingests."""
+    from hrf_batch.config import load_settings
+    from hrf_batch.ingest import ingest_study
+
+    url = f"sqlite:///{tmp_path_factory.mktemp('serial') / 'serial.sqlite'}"
+    settings = load_settings({**SMALL_STUDY_FLAGS, "model": str(tiny_model), "db": url}, env={})
+    summary = ingest_study(small_study, settings, progress=False)
+    assert (summary.processed, summary.failed) == (SMALL_STUDY_VOLUMES, 0)
+    return url
+
+
+#: Training settings small enough for tests on two cores.
+TINY_TRAIN = dict(preset="cct-tiny", batch_size=4, device="cpu", max_lr=3e-3)
+
+
+@pytest.fixture(scope="module")
+def train_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic study of 96x64 B-scans to train on."""
+    from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
+
+    root = tmp_path_factory.mktemp("study")
+    write_synthetic_study(root, StudySpec(patients=4, visits=1, bscans=3, width=96, height=64, seed=3))
+    return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Two shared cores: one torch thread is several times faster than two fighting ones."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def readme_queries() -> list[str]:
     """The SQL examples of the README, as written there (statements of its ```sql blocks)."""
     readme = (PROJECT_ROOT / "README.md").read_text(encoding="utf-8")

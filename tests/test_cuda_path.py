@@ -21,8 +21,14 @@ import torch
 from hrf_batch.config import DEFAULT_MODEL, MODELS_DIR, load_settings
 from hrf_batch.errors import HrfBatchError
 from hrf_batch.model import explain as explain_mod
-from hrf_batch.model.classify import (BF16_SCORE_TOLERANCE, Classifier, device_batch_size, load_classifier,
-                                      raw_scores, resolve_precision)
+from hrf_batch.model.classify import (
+    BF16_SCORE_TOLERANCE,
+    Classifier,
+    device_batch_size,
+    load_classifier,
+    raw_scores,
+    resolve_precision,
+)
 from hrf_batch.model.explain import BF16_CONSERVATION_TOLERANCE, Explainer, conservation_error
 from hrf_batch.synthetic.study import StudySpec, synthetic_volume
 
@@ -30,13 +36,7 @@ SHIPPED = str(MODELS_DIR / DEFAULT_MODEL)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: one thread is faster than two fighting ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _bscans(n: int, width: int, seed: int = 5) -> np.ndarray:

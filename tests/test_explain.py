@@ -30,13 +30,7 @@ TASK_NAMES = ("binary", "3class", "regression")
 MEAN, STD = 128.0, 64.0  # powers of two: normalised integer pixels are exact in float32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Two shared cores: one thread is several times faster than two fighting ones."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _classifier(model: nn.Module, batch_size: int = 4, device: str = "cpu") -> Classifier:

@@ -27,32 +27,17 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from hrf_batch.cli import main
 from hrf_batch.cluster import TEST_EXIT_AT, database_for_workers, plan_actors
-from hrf_batch.config import load_settings
 from hrf_batch.errors import HrfBatchError
-from hrf_batch.ingest import ingest_study
 
-from conftest import SMALL_STUDY_VOLUMES
+from conftest import SMALL_STUDY_VOLUMES, small_study_ingest_args
 from conftest_store import TABLES, row_counts, stored_rows
 
 N_VOLUMES = SMALL_STUDY_VOLUMES
-FLAGS = {"model": None, "device": "cpu", "segmenter": "region", "max_iterations": 2, "lesion_filter": False,
-         "retina_band": False}
-
-
-@pytest.fixture(scope="module")
-def serial_url(tmp_path_factory: pytest.TempPathFactory, small_study: Path, tiny_model: Path) -> str:
-    url = f"sqlite:///{tmp_path_factory.mktemp('serial') / 'serial.sqlite'}"
-    summary = ingest_study(small_study, load_settings({**FLAGS, "model": str(tiny_model), "db": url}, env={}),
-                           progress=False)
-    assert (summary.processed, summary.failed) == (N_VOLUMES, 0)
-    return url
 
 
 def _ingest(study: Path, url: str, model: Path, *extra: str) -> Any:
-    args = ["ingest", str(study), "--db", url, "--model", str(model), "--device", "cpu", "--segmenter", "region",
-            "--max-iterations", "2", "--no-lesion-filter", "--no-retina-band", "--quiet", "--ray", "local",
-            "--workers", "2", *extra]
-    return CliRunner().invoke(main, args)
+    return CliRunner().invoke(main, [*small_study_ingest_args(study, url, model), "--ray", "local", "--workers", "2",
+                                     *extra])
 
 
 @pytest.mark.slow
@@ -195,9 +180,8 @@ def test_a_cluster_started_with_ray_start_is_joined_by_address_with_its_token_an
         ray_head: Any, pg_cluster: Any, small_study: Path, tiny_model: Path, serial_url: str) -> None:
     address, token = ray_head
     url = pg_cluster.create_database()
-    cmd = [str(Path(sys.executable).with_name("hrf-batch")), "ingest", str(small_study), "--db", url, "--model",
-           str(tiny_model), "--device", "cpu", "--segmenter", "region", "--max-iterations", "2", "--no-lesion-filter",
-           "--no-retina-band", "--quiet", "--ray", address]
+    cmd = [str(Path(sys.executable).with_name("hrf-batch")), *small_study_ingest_args(small_study, url, tiny_model),
+           "--ray", address]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     refused = subprocess.run(cmd, env={**env, "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True, text=True, timeout=300)
     assert refused.returncode == 1, refused.stdout + refused.stderr

@@ -19,21 +19,18 @@ from hrf_batch.errors import HrfBatchError, LabelError
 from hrf_batch.evaluation.classification import evaluate_classifier
 from hrf_batch.io.labels import combine, load_csv_labels, load_study_labels
 from hrf_batch.model.classify import load_classifier, score_bscans, score_images
-from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 from hrf_batch.training import train as train_mod
 from hrf_batch.training.augment import IDENTITY, augment
 from hrf_batch.training.sampling import BalancedBatchSampler
 from hrf_batch.training.source import InMemory
 from hrf_batch.training.train import TrainConfig, split_by_patient, train_model
 
-TINY = dict(preset="cct-tiny", batch_size=4, device="cpu", max_lr=3e-3)
+from conftest import TINY_TRAIN
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("study")
-    write_synthetic_study(root, StudySpec(patients=4, visits=1, bscans=3, width=96, height=64, seed=3))
-    return root
+def study(train_study: Path) -> Path:
+    return train_study
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +95,7 @@ def test_augment_moves_each_dimension_it_claims() -> None:
 
 @pytest.mark.parametrize("task", ["binary", "3class", "regression"])
 def test_train_saves_best_model_with_training_stats(tmp_path: Path, data, task: str) -> None:
-    cfg = TrainConfig(task=task, steps=6, eval_every=3, **TINY)
+    cfg = TrainConfig(task=task, steps=6, eval_every=3, **TINY_TRAIN)
     info = train_model(data, cfg, tmp_path / "m", source="unit", progress=False)
     saved = json.loads((tmp_path / "m/config.json").read_text())
     assert saved["task"] == task and saved["model_id"] == info.model_id
@@ -126,7 +123,7 @@ def test_train_saves_best_model_with_training_stats(tmp_path: Path, data, task: 
 def test_training_calibrates_on_a_validation_split_with_both_classes(tmp_path: Path, data) -> None:
     seeds = [s for s in range(40) if len(set((data.counts[split_by_patient(data.patients, 0.5, s)[1]] > 0).tolist())) == 2]
     assert seeds, "the test study has no split whose validation holds both classes"
-    cfg = TrainConfig(steps=4, eval_every=2, val_fraction=0.5, **{**TINY, "seed": seeds[0]})
+    cfg = TrainConfig(steps=4, eval_every=2, val_fraction=0.5, **{**TINY_TRAIN, "seed": seeds[0]})
     train_model(data, cfg, tmp_path / "m", source="unit", progress=False)
     saved = json.loads((tmp_path / "m/config.json").read_text())
     cal = saved["calibration"]
@@ -135,7 +132,7 @@ def test_training_calibrates_on_a_validation_split_with_both_classes(tmp_path: P
 
 
 def test_resume_after_interruption(tmp_path: Path, data, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = TrainConfig(steps=8, eval_every=4, **TINY)
+    cfg = TrainConfig(steps=8, eval_every=4, **TINY_TRAIN)
     real_step = train_mod._train_step
     calls = {"n": 0}
 
@@ -153,11 +150,11 @@ def test_resume_after_interruption(tmp_path: Path, data, monkeypatch: pytest.Mon
     history = info.config.training["history"]
     assert [h["step"] for h in history] == [4.0, 8.0]
     with pytest.raises(HrfBatchError, match="other data or settings"):
-        train_model(data, TrainConfig(steps=9, eval_every=4, **TINY), tmp_path / "m", progress=False, resume=True)
+        train_model(data, TrainConfig(steps=9, eval_every=4, **TINY_TRAIN), tmp_path / "m", progress=False, resume=True)
 
 
 def test_run_that_does_not_take_off_is_restarted(tmp_path: Path, data) -> None:
-    cfg = TrainConfig(steps=6, eval_every=2, takeoff_steps=2, takeoff_auroc=1.01, max_restarts=1, seed=5, **TINY)
+    cfg = TrainConfig(steps=6, eval_every=2, takeoff_steps=2, takeoff_auroc=1.01, max_restarts=1, seed=5, **TINY_TRAIN)
     info = train_model(data, cfg, tmp_path / "m", progress=False)
     restarts = info.config.training["restarts"]
     assert len(restarts) == 1 and restarts[0]["seed"] == 5

@@ -23,21 +23,18 @@ from hrf_batch.cli import main
 from hrf_batch.errors import HrfBatchError, LabelError
 from hrf_batch.io.labels import load_csv_labels, load_study_labels
 from hrf_batch.model.classify import load_classifier
-from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 from hrf_batch.training import train as train_mod
 from hrf_batch.training.distributed import Processes, processes_from_env
 from hrf_batch.training.source import InMemory, norm_stats
 from hrf_batch.training.stream import VolumeCache, stream_csv_labels, stream_study_labels
 from hrf_batch.training.train import TrainConfig, split_by_patient, train_model
 
-TINY = dict(preset="cct-tiny", batch_size=4, device="cpu", max_lr=3e-3)
+from conftest import TINY_TRAIN
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("study")
-    write_synthetic_study(root, StudySpec(patients=4, visits=1, bscans=3, width=96, height=64, seed=3))
-    return root
+def study(train_study: Path) -> Path:
+    return train_study
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +94,7 @@ def test_streamed_csv_lists_the_same_bscans_as_in_memory(study: Path, labels_csv
 def test_streamed_training_gives_the_same_model_as_in_memory(tmp_path: Path, study: Path) -> None:
     memory = load_study_labels(study)
     seed = _both_classes_seed(memory.counts, memory.patients, 0.5)
-    cfg = TrainConfig(steps=6, eval_every=3, val_fraction=0.5, seed=seed, **TINY)
+    cfg = TrainConfig(steps=6, eval_every=3, val_fraction=0.5, seed=seed, **TINY_TRAIN)
     streamed = stream_study_labels(study, cache_bytes=1)  # one volume kept: batches re-read their files
     a = train_model(memory, cfg, tmp_path / "memory", progress=False)
     b = train_model(streamed, cfg, tmp_path / "streamed", progress=False, workers=1)  # batches read ahead elsewhere
@@ -126,7 +123,7 @@ def test_volume_cache_stays_within_its_bytes(study: Path) -> None:
 
 
 def test_streamed_resume_continues_exactly(tmp_path: Path, study: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = TrainConfig(steps=6, eval_every=2, **TINY)
+    cfg = TrainConfig(steps=6, eval_every=2, **TINY_TRAIN)
     train_model(stream_study_labels(study), cfg, tmp_path / "straight", progress=False)
     real_step, calls = train_mod._train_step, {"n": 0}
 
@@ -202,13 +199,13 @@ def test_two_distributed_cpu_processes_write_one_loadable_model(tmp_path: Path, 
     assert "0/4" in first[0].stderr and "0/4" not in resumed[0].stderr  # the resumed bar starts at the saved step 4
     assert load_classifier(str(out), "cpu").model_id == clf.model_id
     with pytest.raises(HrfBatchError, match="number of processes"):  # the state of 2 processes, resumed by one
-        train_model(stream_study_labels(study), TrainConfig(steps=4, eval_every=2, **{**TINY, "batch_size": 2}), out,
+        train_model(stream_study_labels(study), TrainConfig(steps=4, eval_every=2, **{**TINY_TRAIN, "batch_size": 2}), out,
                     progress=False, resume=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_amp_step_on_cuda_is_bfloat16_and_finite(study: Path) -> None:
-    cfg = TrainConfig(steps=2, eval_every=2, **{**TINY, "device": "cuda"})
+    cfg = TrainConfig(steps=2, eval_every=2, **{**TINY_TRAIN, "device": "cuda"})
     device = torch.device("cuda")
     att = train_mod._new_attempt(cfg, 0, device, Processes())
     dtypes: set[torch.dtype] = set()

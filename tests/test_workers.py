@@ -15,29 +15,17 @@ import pytest
 from click.testing import CliRunner
 
 from hrf_batch.cli import EXIT_PARTIAL, main
-from hrf_batch.config import Settings, load_settings
-from hrf_batch.ingest import ingest_study
+from hrf_batch.config import Settings
 from hrf_batch.workers import TEST_EXIT_AT, worker_device
 
-from conftest import SMALL_STUDY_VOLUMES
+from conftest import SMALL_STUDY_VOLUMES, small_study_ingest_args
 from conftest_store import TABLES, row_counts, stored_rows
 
 N_VOLUMES = SMALL_STUDY_VOLUMES
-FLAGS = {"model": None, "device": "cpu", "segmenter": "region", "max_iterations": 2, "lesion_filter": False,
-         "retina_band": False}
-@pytest.fixture(scope="module")
-def serial_url(tmp_path_factory: pytest.TempPathFactory, small_study: Path, tiny_model: Path) -> str:
-    """A serial ingest of the study into a database of its own: the reference."""
-    url = f"sqlite:///{tmp_path_factory.mktemp('serial') / 'serial.sqlite'}"
-    summary = ingest_study(small_study, load_settings({**FLAGS, "model": str(tiny_model), "db": url}, env={}), progress=False)
-    assert (summary.processed, summary.failed) == (N_VOLUMES, 0)
-    return url
 
 
 def _ingest(study: Path, url: str, model: Path, *extra: str) -> Any:
-    args = ["ingest", str(study), "--db", url, "--model", str(model), "--device", "cpu", "--segmenter", "region",
-            "--max-iterations", "2", "--no-lesion-filter", "--no-retina-band", "--quiet", *extra]
-    return CliRunner().invoke(main, args)
+    return CliRunner().invoke(main, [*small_study_ingest_args(study, url, model), *extra])
 
 
 def test_two_workers_store_what_a_serial_ingest_stores(store_url: str, small_study: Path, tiny_model: Path,
