@@ -20,8 +20,8 @@ import pytest
 from hrf_batch.review.server import ReviewServer, start
 from hrf_batch.store import open_store
 
-from test_review_api import MISSED_BSCAN, REVIEW_TABLES, ReviewStudy, build_review_study
 from conftest_store import row_counts
+from test_review_api import MISSED_BSCAN, REVIEW_TABLES, ReviewStudy, build_review_study
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")

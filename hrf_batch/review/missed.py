@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from hrf_batch.review.errors import ReviewError
 from hrf_batch.segment import REGION_NAME, SAM2_MODELS, RegionGrowingSegmenter, RegionParams, Segmenter, make_segmenter
 from hrf_batch.segment.prompts import DEFAULT_BOX_PX, DEFAULT_CROP_PX, make_prompt
 from hrf_batch.store import RunRecord
-from hrf_batch.review.errors import ReviewError
 
 
 class SegmenterCache:

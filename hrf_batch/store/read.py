@@ -50,7 +50,6 @@ from hrf_batch.store.schema import (
 from hrf_batch.store.write import RunKey
 
 
-
 @dataclass(frozen=True)
 class ReviewBScan:
     """A row of the `hrf_review_bscans` view: one grader's decisions on one B-scan of a run, and the
