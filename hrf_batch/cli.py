@@ -603,7 +603,8 @@ def report(ctx: click.Context, patient: str, out_dir: Path, db: str | None, show
 @_friendly
 def export(ctx: click.Context, out_dir: Path | None, dicom_dir: Path | None, nifti_dir: Path | None, patient: str | None,
            labels_csv: Path | None, grader: str | None, db: str | None, include_identifiers: bool) -> None:
-    """Write cohort CSVs (--out), DICOM SEG (--dicom-seg) and NIfTI (--nifti) of the stored results."""
+    """Write cohort CSVs (--out), DICOM SEG (--dicom-seg), NIfTI (--nifti) of the stored results, or the training
+    labels the graders' verdicts give (--labels)."""
     if out_dir is None and dicom_dir is None and nifti_dir is None and labels_csv is None:
         raise click.UsageError("pass at least one output: --out, --dicom-seg, --nifti or --labels")
     if grader is not None and labels_csv is None:
