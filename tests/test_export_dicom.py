@@ -59,6 +59,16 @@ def store_fake_results(study: Path, db: str, seed: int = 0) -> list[Volume]:
     return volumes
 
 
+def real_vol_study(fixtures_dir: Path, tmp_path: Path) -> tuple[Volume, str]:
+    """eyepy's real Spectralis .vol alone in a study, stored with fake results: its volume and the database."""
+    study = tmp_path / "study"
+    study.mkdir()
+    shutil.copy(fixtures_dir / "eyepy" / "test_volume.vol", study / "test_volume.vol")
+    db = str(tmp_path / "db.sqlite")
+    (volume,) = store_fake_results(study, db)
+    return volume, db
+
+
 def source_frames(stored: StoredVolume, files: list[Path]) -> list[SourceFrame]:
     """Instance and frame of each B-scan: the source's for DICOM sources, the written OPT's otherwise."""
     scan = read_stored_source(stored)
@@ -273,11 +283,7 @@ def test_ingested_study_exports_clean_seg_over_every_source(small_study: Path, t
 
 def test_real_heyex_vol_gives_a_clean_opt_and_seg(fixtures_dir: Path, tmp_path: Path) -> None:
     """eyepy's real Spectralis .vol: the OPT written from it passes dciodvfy and reads back to its pixels."""
-    study = tmp_path / "study"
-    study.mkdir()
-    shutil.copy(fixtures_dir / "eyepy" / "test_volume.vol", study / "test_volume.vol")
-    db = str(tmp_path / "db.sqlite")
-    (volume,) = store_fake_results(study, db)
+    volume, db = real_vol_study(fixtures_dir, tmp_path)
     with open_store(db) as store:
         summary = export_dicom(store, tmp_path / "out")
         (stored,) = store.volume_results(volume.meta.patient_id, masks=True)

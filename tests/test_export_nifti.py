@@ -19,7 +19,7 @@ from hrf_batch.io.readers import read_volumes
 from hrf_batch.store import StoredVolume, open_store
 from hrf_batch.synthetic.study import StudySpec, write_synthetic_study
 
-from test_export_dicom import RUN, store_fake_results
+from test_export_dicom import RUN, real_vol_study, store_fake_results
 
 
 def check_round_trip(folder: Path, stored: StoredVolume, source_bscans: np.ndarray, spacing: tuple[float, float, float]) -> None:
@@ -82,11 +82,7 @@ def test_sidecar_carries_the_provenance_and_identifiers_only_on_request(study_db
 
 def test_real_heyex_vol_keeps_its_header_spacing(fixtures_dir: Path, tmp_path: Path) -> None:
     """A real Spectralis .vol (eyepy's test file): voxel sizes are the ones its header declares."""
-    study = tmp_path / "study"
-    study.mkdir()
-    shutil.copy(fixtures_dir / "eyepy" / "test_volume.vol", study / "test_volume.vol")
-    db = str(tmp_path / "db.sqlite")
-    (volume,) = store_fake_results(study, db)
+    volume, db = real_vol_study(fixtures_dir, tmp_path)
     with open_store(db) as store:
         summary = export_nifti(store, tmp_path / "out")
         (stored,) = store.volume_results(volume.meta.patient_id, masks=True)
