@@ -117,6 +117,7 @@ class _Worker:
     conn: Connection
     holding: Source | None = None
     eof: bool = False
+    finished: bool = False  # its end has been handled (the source it held recorded as failed)
 
 
 class _Driver:
@@ -163,7 +164,9 @@ class _Driver:
             self._hand_out(worker)
 
     def _ended(self, worker: _Worker) -> bool:
-        return worker.eof and worker.process.exitcode is not None
+        """Handled by :meth:`_finish`, not merely exited: a worker whose pipe ended in one step and whose
+        process is reaped by the next must still have its source recorded."""
+        return worker.finished
 
     def _step(self) -> None:
         live = [w for w in self.workers if not self._ended(w)]
@@ -208,6 +211,7 @@ class _Driver:
 
     def _finish(self, worker: _Worker) -> None:
         """A worker that ended holding a source failed it; that failure is recorded and the others go on."""
+        worker.finished = True
         code = worker.process.exitcode
         source, worker.holding = worker.holding, None
         if source is None:

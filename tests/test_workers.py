@@ -107,3 +107,30 @@ def test_sources_left_when_every_worker_has_died_are_failed_not_lost(tmp_path: P
     assert "volumes: 0 processed, 0 already done (skipped), 4 failed" in result.output
     assert result.output.count("every worker process had ended") == 2
     assert result.output.count("ended with exit code 9") == 2
+
+
+def test_a_worker_whose_pipe_ended_one_step_before_its_process_still_fails_its_source(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The end of a worker is seen in two steps (its pipe, then its exit code); the source it held is recorded
+    even when the process is reaped after the step that saw the pipe end."""
+    from types import SimpleNamespace
+
+    from tqdm import tqdm
+
+    from hrf_batch import workers
+    from hrf_batch.ingest import IngestSummary
+    from hrf_batch.io.discover import Source
+    from hrf_batch.store import open_store
+
+    monkeypatch.setattr(workers, "wait", lambda *_args, **_kw: [])  # nothing new this step
+    source = Source("heyex-vol", (tmp_path / "a.vol",))
+    process = SimpleNamespace(exitcode=9, sentinel=object())  # reaped since the last step
+    worker = workers._Worker(job=None, process=process, conn=object(), holding=source, eof=True)  # type: ignore[arg-type]
+    summary = IngestSummary(batch_id="b")
+    with open_store(str(tmp_path / "db.sqlite")) as store, tqdm(disable=True) as bar:
+        driver = workers._Driver([], [], store, summary, bar)
+        driver.workers = [worker]
+        driver._step()
+    assert summary.failed == 1 and summary.failures[0][0] == str(source.path)
+    assert "ended with exit code 9" in summary.failures[0][1]
+    assert driver._ended(worker)
