@@ -13,7 +13,8 @@ from pathlib import Path
 
 from hrf_batch.errors import HrfBatchError
 from hrf_batch.export.errors import SourceUnavailable
-from hrf_batch.io.discover import Source, discover, display_text, path_from_display
+from hrf_batch.io.analysed import Mismatch, find_analysed
+from hrf_batch.io.discover import Source, discover, path_from_display
 from hrf_batch.io.readers import read_source
 from hrf_batch.io.readers.dicom_oct import FrameRef, frame_references
 from hrf_batch.io.volume import Volume
@@ -44,17 +45,16 @@ def read_stored_source(stored: StoredVolume) -> SourceScan:
             volumes = read_source(source.format, source.paths)
         except HrfBatchError as exc:
             raise SourceUnavailable(f"{stored.source_path}: the source can no longer be read ({exc.problem})", hint) from exc
-        for volume in volumes:
-            if display_text(volume.meta.series_uid) != stored.series_uid:
-                continue
-            if volume.meta.source_sha256 != stored.source_sha256:
-                raise SourceUnavailable(
-                    f"{stored.source_path}: the file changed since it was analysed (sha256 "
-                    f"{volume.meta.source_sha256[:12]}... instead of {stored.source_sha256[:12]}...)", hint)
-            if volume.n_bscans != stored.n_bscans or volume.bscan_shape != tuple(stored.bscan_shape):
-                raise SourceUnavailable(f"{stored.source_path}: the B-scans differ in number or size from the analysed ones", hint)
-            frames = _frames(source, volume) if source.format == "dicom-oct" else ()
-            return SourceScan(volume, frames)
+        found = find_analysed(volumes, stored.series_uid, stored.source_sha256, stored.n_bscans, stored.bscan_shape)
+        if found is Mismatch.SERIES:
+            continue  # perhaps in another source of the folder
+        if found is Mismatch.CONTENT:
+            raise SourceUnavailable(
+                f"{stored.source_path}: the file changed since it was analysed (sha256 "
+                f"{volumes[0].meta.source_sha256[:12]}... instead of {stored.source_sha256[:12]}...)", hint)
+        if isinstance(found, Mismatch):
+            raise SourceUnavailable(f"{stored.source_path}: {found.value}", hint)
+        return SourceScan(found, _frames(source, found) if source.format == "dicom-oct" else ())
     raise SourceUnavailable(f"{stored.source_path}: the file no longer holds the analysed series {stored.series_uid}", hint)
 
 

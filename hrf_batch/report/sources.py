@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from hrf_batch.errors import HrfBatchError
-from hrf_batch.io.discover import discover, display_text, path_from_display, read_sources
+from hrf_batch.io.analysed import Mismatch, find_analysed
+from hrf_batch.io.discover import discover, path_from_display, read_sources
 from hrf_batch.io.readers import read_source
 from hrf_batch.io.volume import Volume
 from hrf_batch.store import StoredVolume
@@ -56,14 +57,9 @@ class SourceReader:
         except (HrfBatchError, OSError) as exc:
             log.info("cannot re-read %s for the report: %s", path, exc)
             return SourcePixels.unavailable(f"the file can no longer be read ({type(exc).__name__})")
-        match = [v for v in candidates if display_text(v.meta.series_uid) == volume.series_uid]
-        if not match:
-            return SourcePixels.unavailable("the file no longer holds the analysed series")
-        found = match[0]
-        if found.meta.source_sha256 != volume.source_sha256:
-            return SourcePixels.unavailable("the file's content differs from the analysed file (sha256)")
-        if found.bscans.shape[1:] != tuple(volume.bscan_shape) or found.n_bscans != volume.n_bscans:
-            return SourcePixels.unavailable("the B-scan size differs from the analysed volume")
+        found = find_analysed(candidates, volume.series_uid, volume.source_sha256, volume.n_bscans, volume.bscan_shape)
+        if isinstance(found, Mismatch):
+            return SourcePixels.unavailable(found.value)
         return SourcePixels(found.bscans, found.localizer, found.meta.localizer_spacing_mm)
 
     def _read(self, path: Path, fmt: str) -> list[Volume]:

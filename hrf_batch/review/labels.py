@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hrf_batch.errors import HrfBatchError, LabelError
+from hrf_batch.io.analysed import Mismatch, find_analysed
 from hrf_batch.io.discover import path_from_display
 from hrf_batch.io.readers import read_volumes
 from hrf_batch.io.volume import Volume
@@ -154,13 +155,15 @@ def _read(path: Path) -> list[Volume]:
 
 def _stored(found: list[Volume], volume: StoredVolume, path: Path) -> Volume:
     """The stored volume among those read, unchanged and alone with its eye in the file."""
-    same = [v for v in found if v.meta.series_uid == volume.series_uid]
-    if not same:
+    analysed = find_analysed(found, volume.series_uid, volume.source_sha256, volume.n_bscans, volume.bscan_shape)
+    if analysed is Mismatch.SERIES:
         raise LabelError(f"no longer holds series {volume.series_uid}")
-    if same[0].meta.source_sha256 != volume.source_sha256:
+    if analysed is Mismatch.CONTENT:
         raise LabelError("changed since it was analysed (its sha256 differs from the stored one)")
+    if isinstance(analysed, Mismatch):
+        raise LabelError(analysed.value)
     _one_of_its_eye(found, volume, path)
-    return same[0]
+    return analysed
 
 
 def _one_of_its_eye(found: list[Volume], volume: StoredVolume, path: Path) -> None:
