@@ -46,6 +46,7 @@ from hrf_batch.ingest import (
     IngestContext,
     IngestSummary,
     VolumeOutcome,
+    fail_source,
     load_models,
     new_batch_id,
     process_volume,
@@ -303,7 +304,7 @@ class _Driver:
         for outcome in outcomes:
             self.summary.add(outcome)
         self.bar.update(1)
-        self._show()
+        self.summary.show(self.bar)
         self._hand_out(slot)
 
     def _lost(self, slot: _Slot, source: Source | None, attempt: int, exc: Exception) -> None:
@@ -317,7 +318,7 @@ class _Driver:
             else:
                 reason = (f"{name}: the Ray workers computing it died {MAX_ATTEMPTS} times, perhaps killed or out of "
                           "memory; the other files went on — run the ingest again to compute this file")
-                self.summary.add(record_issue(self.store, FileIssue(source.path, reason, "error"), self.summary.batch_id))
+                fail_source(self.store, self.summary, source.path, reason)
                 self.bar.update(1)
         slot.holding = None
         self.ray.kill(slot.actor)
@@ -345,9 +346,6 @@ class _Driver:
             source, _ = self.pending.popleft()
             reason = (f"{display_text(source.path)}: not computed, every Ray worker had died; "
                       "run the ingest again to compute this file")
-            self.summary.add(record_issue(self.store, FileIssue(source.path, reason, "error"), self.summary.batch_id))
+            fail_source(self.store, self.summary, source.path, reason)
             self.bar.update(1)
 
-    def _show(self) -> None:
-        s = self.summary
-        self.bar.set_postfix(volumes=s.processed + s.already_done + s.elsewhere, failed=s.failed, refresh=False)

@@ -96,6 +96,10 @@ class IngestSummary:
             self.failed += 1
             self.failures.append((outcome.path, outcome.reason))
 
+    def show(self, bar: tqdm) -> None:
+        """The progress bar's running counts (the worker and Ray drivers)."""
+        bar.set_postfix(volumes=self.processed + self.already_done + self.elsewhere, failed=self.failed, refresh=False)
+
     def text(self) -> str:
         lines = [
             f"volumes: {self.processed} processed, {self.already_done} already done (skipped), {self.failed} failed, "
@@ -226,6 +230,11 @@ def ingest_study(study_dir: Path, settings: Settings, *, progress: bool = True,
                 on_volume(item.meta.source_path)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def fail_source(store: Store, summary: IngestSummary, path: Path, reason: str) -> None:
+    """Record and count a file that a worker process or actor could not finish, so the next ingest computes it."""
+    summary.add(record_issue(store, FileIssue(path, reason, "error"), summary.batch_id))
 
 
 def record_issue(store: Store, issue: FileIssue, batch_id: str) -> VolumeOutcome:

@@ -38,7 +38,15 @@ from tqdm import tqdm
 
 from hrf_batch.config import Settings
 from hrf_batch.errors import HrfBatchError, one_line
-from hrf_batch.ingest import IngestContext, IngestSummary, load_models, new_batch_id, process_volume, record_issue
+from hrf_batch.ingest import (
+    IngestContext,
+    IngestSummary,
+    fail_source,
+    load_models,
+    new_batch_id,
+    process_volume,
+    record_issue,
+)
 from hrf_batch.io.discover import FileIssue, Source, discover, display_text, read_sources
 from hrf_batch.store import Store, open_store
 
@@ -148,7 +156,7 @@ class _Driver:
             source = self.pending.pop()
             reason = (f"{display_text(source.path)}: not computed, every worker process had ended; "
                       "run the ingest again to compute this file")
-            self.summary.add(record_issue(self.store, FileIssue(source.path, reason, "error"), self.summary.batch_id))
+            fail_source(self.store, self.summary, source.path, reason)
             self.bar.update(1)
 
     def _start(self) -> None:
@@ -192,7 +200,7 @@ class _Driver:
         kind = message[0]
         if kind == "outcome":
             self.summary.add(message[1])
-            self._show()
+            self.summary.show(self.bar)
         elif kind == "done":
             self.bar.update(1)
             self._hand_out(worker)
@@ -224,13 +232,10 @@ class _Driver:
         reason = (f"{path}: the worker process computing it {how}, perhaps killed or out of memory; "
                   "the other files went on — run the ingest again to compute this file")
         log.error(reason)
-        self.summary.add(record_issue(self.store, FileIssue(source.path, reason, "error"), self.summary.batch_id))
+        fail_source(self.store, self.summary, source.path, reason)
         self.bar.update(1)
-        self._show()
+        self.summary.show(self.bar)
 
-    def _show(self) -> None:
-        s = self.summary
-        self.bar.set_postfix(volumes=s.processed + s.already_done + s.elsewhere, failed=s.failed, refresh=False)
 
     def _stop_all(self) -> None:
         """End every worker still running (Ctrl-C, an error): an uncommitted volume is simply computed again later."""
