@@ -16,7 +16,8 @@ fovea lies near the middle B-scan. Right eye (nasal to the right); mirror it for
 HRF definition used for the labels (clinical): discrete, well-circumscribed foci of 5..150 px at
 Spectralis spacing (11.72 x 3.87 um; the pixel bounds scale with the pixel area at other widths,
 see :func:`hrf_area_bounds`), inside the neurosensory retina (every pixel between the ILM and the
-RPE rows; mostly INL, OPL and ONL, a few in GCL/IPL and in the outer retina over drusen), about
+RPE rows; mostly INL, OPL and ONL, a sixth in GCL/IPL, some in the outer retina over drusen;
+median area about 17 px at Spectralis spacing, as graded HRF are), about
 as reflective as the RPE band (a minority only a little brighter than their surround: hard
 positives), round, oval, irregular or small clusters, some casting a faint shadow; 0..20 per
 B-scan. Not HRF, marked in ``hard_negatives`` (see :data:`DECOY_KINDS`): vessel cross-sections
@@ -214,12 +215,13 @@ def _draw_eye(rng: np.random.Generator, height: int, width: int, z_span: np.ndar
              "os": rng.uniform(0.028, 0.042), "os_fov": rng.uniform(0.0, 0.02), "rpe": rng.uniform(0.014, 0.026),
              "choroid": rng.uniform(0.14, 0.4), "elm_t": rng.uniform(0.003, 0.006), "ez_t": rng.uniform(0.007, 0.013),
              "iz_t": rng.uniform(0.005, 0.01), "gap": rng.uniform(0.002, 0.006), "bm_t": rng.uniform(0.003, 0.005)}
-    levels = _LEVEL + rng.normal(0.0, 7.0) + rng.normal(0.0, 8.0, _LEVEL.size).astype(np.float32)
+    levels = _LEVEL + rng.normal(0.0, 10.0) + rng.normal(0.0, 14.0, _LEVEL.size).astype(np.float32)
     # keep the clinical brightness order: RNFL > GCL/IPL > INL > ONL, OPL > INL, RPE about the brightest
     levels[0] = max(levels[0], levels[1] + 12.0, levels[2] + 8.0)
     levels[3] = min(levels[3], levels[1] - 10.0, levels[2] - 15.0, levels[4] - 15.0)
     levels[5] = min(levels[5], levels[3] - 12.0)
     levels[12] = max(levels[12], levels[8] - 12.0)
+    levels = np.clip(levels, 35.0, 248.0)
     amp = np.concatenate([rng.uniform(0.03, 0.1, 7), [rng.uniform(0.0, 0.012)], rng.uniform(2.0, 8.0, 15)])
     grid = ndi.gaussian_filter(rng.standard_normal((amp.size, _GRID, _GRID)), (0, 1.2, 1.2), mode="nearest")
     grid = grid / (grid.std(axis=(1, 2), keepdims=True) + 1e-9) * amp[:, None, None]
@@ -561,8 +563,8 @@ def _blob(rng: np.random.Generator, area: float, ratio: float, lo: int, hi: int)
     return None
 
 
-_HRF_SITES = (("RNFL", "IPL", 0.07), ("IPL", "INL", 0.28), ("INL", "OPL", 0.17), ("OPL", "ELM", 0.33),
-              ("ELM", "RPE", 0.15))
+_HRF_SITES = (("RNFL", "IPL", 0.16), ("IPL", "INL", 0.25), ("INL", "OPL", 0.17), ("OPL", "ELM", 0.29),
+              ("ELM", "RPE", 0.13))
 
 
 def _place_hrfs(rng: np.random.Generator, eye: _Eye, rows: dict[str, np.ndarray], lv: np.ndarray, n: int,
@@ -579,7 +581,7 @@ def _place_hrfs(rng: np.random.Generator, eye: _Eye, rows: dict[str, np.ndarray]
     for _ in range(40 * n):
         if k == n:
             break
-        blob = _blob(rng, float(np.clip(rng.lognormal(math.log(20.0 * ref), 0.75), lo, hi)), AXIAL_MM / eye.lat, lo, hi)
+        blob = _blob(rng, float(np.clip(rng.lognormal(math.log(16.0 * ref), 0.8), lo, hi)), AXIAL_MM / eye.lat, lo, hi)
         site = int(rng.choice(len(_HRF_SITES), p=probs / probs.sum()))
         if blob is None:
             continue
