@@ -17,13 +17,11 @@ train() { $HB train "$@" --preset cct-lite --eval-every 100 --batch-size 8 --max
 [ -f "$MODELS/b/config.json" ] || train "$WORK/b_train" --out "$MODELS/b" --steps 500
 [ -f "$MODELS/mil_ab/config.json" ] || $HB train "$WORK/a_train" "$WORK/b_train" --out "$MODELS/mil_ab" --preset mil-alexnet \
   --steps 300 --eval-every 100 --batch-size 8 --max-lr 1e-3 --seed 0 --device cpu
-$PY scripts/cross_generator.py table --model "A=$MODELS/a" --model "B=$MODELS/b" --model "A+B (shipped)=$SHIPPED" \
-  --study "A=$WORK/a_eval" --study "B=$WORK/b_eval" --limit-volumes 12 --device cpu
-for loop in default recall; do  # the same with the retina band in the loop, and the recall loop
-  $PY scripts/cross_generator.py table --model "B=$MODELS/b" --model "A+B (shipped)=$SHIPPED" \
+for loop in default recall; do  # the model card's cross-generator table
+  $PY scripts/cross_generator.py table --model "A=$MODELS/a" --model "B=$MODELS/b" --model "A+B (shipped)=$SHIPPED" \
     --study "A=$WORK/a_eval" --study "B=$WORK/b_eval" --limit-volumes 12 --device cpu --loop $loop
 done
 $PY scripts/cross_generator.py guards --model "A+B (shipped)=$SHIPPED" --study "B=$WORK/b_eval" --limit-volumes 12 --device cpu
 for g in a b; do
-  $PY scripts/cross_generator.py paper --model "CCT=$SHIPPED" --model "MIL=$MODELS/mil_ab" --study "${g^^}=$WORK/${g}_eval" --limit-volumes 12 --device cpu
+  $PY scripts/cross_generator.py paper --loop card --model "CCT=$SHIPPED" --model "MIL=$MODELS/mil_ab" --study "${g^^}=$WORK/${g}_eval" --limit-volumes 12 --device cpu
 done
