@@ -108,6 +108,20 @@ def test_lesion_filter_keeps_a_focus_and_drops_layer_pieces_and_faint_spots() ->
     assert "contrast" in check(_image_with(focus, 65), *_bbox(focus), spacing, limits)
 
 
+def test_a_focus_round_in_pixels_passes_and_a_short_layer_piece_does_not() -> None:
+    spacing = REFERENCE_SPACING_MM
+    dot = _blob((80, 80), (40, 40), (3.5, 3.5))  # round on the pixel grid: 3:1 in µm
+    assert elongation(dot, spacing) > 2.5 and elongation(dot, (1.0, 1.0)) < 1.2
+    assert check(_image_with(dot, 220), *_bbox(dot), spacing, LesionFilter()) is None
+    assert "elongation" in check(_image_with(dot, 220), *_bbox(dot), spacing, LesionFilter(max_elongation=2.5,
+                                                                                           elongation_frame="um"))
+    piece = np.zeros((80, 80), bool)
+    piece[40:43, 30:48] = True  # 3 x 18 px of a bright layer: a line in pixels and in µm
+    assert "elongation" in check(_image_with(piece, 220), *_bbox(piece), spacing, LesionFilter())
+    with pytest.raises(ValueError, match="elongation_frame"):
+        check(_image_with(dot, 220), *_bbox(dot), spacing, LesionFilter(elongation_frame="mm"))
+
+
 def test_lesion_area_limits_scale_with_the_pixel_size() -> None:
     lo, hi = area_limits(REFERENCE_SPACING_MM, (5, 150))
     assert (lo, hi) == pytest.approx((5, 150))
