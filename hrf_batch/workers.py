@@ -236,7 +236,6 @@ class _Driver:
         self.bar.update(1)
         self.summary.show(self.bar)
 
-
     def _stop_all(self) -> None:
         """End every worker still running (Ctrl-C, an error): an uncommitted volume is simply computed again later."""
         for worker in self.workers:

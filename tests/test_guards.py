@@ -119,7 +119,7 @@ def test_a_focus_round_in_pixels_passes_and_a_short_layer_piece_does_not() -> No
     piece[40:43, 30:48] = True  # 3 x 18 px of a bright layer: a line in pixels and in µm
     assert "elongation" in check(_image_with(piece, 220), *_bbox(piece), spacing, LesionFilter())
     with pytest.raises(ValueError, match="elongation_frame"):
-        check(_image_with(dot, 220), *_bbox(dot), spacing, LesionFilter(elongation_frame="mm"))
+        LesionFilter(elongation_frame="mm")  # refused when the settings are made, not at the first lesion
 
 
 def test_lesion_area_limits_scale_with_the_pixel_size() -> None:

@@ -41,6 +41,10 @@ class LesionFilter:
     min_contrast: float = 15.0  # display levels, lesion median minus ring median
     ring_px: tuple[int, int] = (2, 6)  # ring between these dilations of the lesion
 
+    def __post_init__(self) -> None:
+        if self.elongation_frame not in ("either", "um"):
+            raise ValueError(f"elongation_frame must be 'either' or 'um', got {self.elongation_frame!r}")
+
     def to_dict(self) -> dict[str, Any]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
 
@@ -90,8 +94,6 @@ def check(image: np.ndarray, bbox_rc: tuple[int, int, int, int], mask: np.ndarra
     ratio = elongation(mask, spacing_mm)
     if limits.elongation_frame == "either":
         ratio = min(ratio, elongation(mask, (1.0, 1.0)))
-    elif limits.elongation_frame != "um":
-        raise ValueError(f"elongation_frame must be 'either' or 'um', got {limits.elongation_frame!r}")
     if ratio > limits.max_elongation:
         return f"elongation {ratio:.1f} above {limits.max_elongation}"
     pad = limits.ring_px[1] + 1
