@@ -18,7 +18,7 @@ from hrf_batch.model.files import ModelFileError, load_model
 from hrf_batch.pipeline import PipelineParams, _State, run_info
 from hrf_batch.results import Segment
 from hrf_batch.segment import make_segmenter
-from hrf_batch.segment.lesion_filter import REFERENCE_SPACING_MM, LesionFilter, area_limits, check, elongation
+from hrf_batch.segment.lesion_filter import REFERENCE_SPACING_MM, LesionFilter, area_limits, check, elongation, solidity
 from hrf_batch.segment.prompts import peaks
 
 from conftest import save_tiny_model
@@ -120,6 +120,24 @@ def test_a_focus_round_in_pixels_passes_and_a_short_layer_piece_does_not() -> No
     assert "elongation" in check(_image_with(piece, 220), *_bbox(piece), spacing, LesionFilter())
     with pytest.raises(ValueError, match="elongation_frame"):
         LesionFilter(elongation_frame="mm")  # refused when the settings are made, not at the first lesion
+
+
+def test_a_crescent_cyst_wall_is_dropped_and_a_filled_focus_or_small_cluster_kept() -> None:
+    spacing = REFERENCE_SPACING_MM
+    yy, xx = np.mgrid[:80, :80]
+    r = np.hypot((yy - 40) / 1.0, (xx - 40) / 1.6)
+    crescent = (r >= 9) & (r < 11) & (xx > 44)  # the bright wall on one side of a round cyst
+    assert 20 <= crescent.sum() <= 150 and min(elongation(crescent, spacing), elongation(crescent, (1.0, 1.0))) < 4
+    assert solidity(crescent) < 0.5
+    assert "solidity" in check(_image_with(crescent, 220), *_bbox(crescent), spacing, LesionFilter())
+    assert check(_image_with(crescent, 220), *_bbox(crescent), spacing, LesionFilter(min_solidity=0.0)) is None
+    focus = _blob((80, 80), (40, 40), (4.5, 1.6))
+    assert solidity(focus) > 0.8 and check(_image_with(focus, 220), *_bbox(focus), spacing, LesionFilter()) is None
+    cluster = _blob((80, 80), (40, 37), (2.5, 2.5)) | _blob((80, 80), (40, 42), (2.5, 2.5))  # two touching dots
+    assert solidity(cluster) > LesionFilter().min_solidity
+    one = np.zeros((5, 5), bool)
+    one[2, 2] = True
+    assert solidity(one) == pytest.approx(1.0)
 
 
 def test_lesion_area_limits_scale_with_the_pixel_size() -> None:
