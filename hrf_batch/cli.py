@@ -103,7 +103,7 @@ def _guard_options(func: Callable[..., Any]) -> Callable[..., Any]:
     func = click.option("--peaks-per-iteration", type=click.IntRange(1, 20),
                         help="Separated relevance peaks prompted per iteration (default 1, the paper's loop).")(func)
     func = click.option("--lesion-filter/--no-lesion-filter", default=None,
-                        help="Keep only lesions of HRF size, shape and contrast (default on).")(func)
+                        help="Keep only lesions of HRF size, compact filled shape and contrast (default on).")(func)
     func = click.option("--score-drop-guard/--no-score-drop-guard", default=None,
                         help="Stop a B-scan when inpainting what was found does not lower its score (default off).")(func)
     func = click.option("--precision", type=click.Choice(["auto", "fp32", "bf16"]),

@@ -13,8 +13,9 @@ default, the others off, as measured in the shipped model's card; all off gives 
 - ``score_drop_guard``: when inpainting what an iteration found does not lower the B-scan's
   (log-odds) score, that object was not what the model saw; it is dropped and the B-scan stops.
   An iteration that found nothing inpaints nothing and moves on to the next peak.
-- ``lesion_filter``: lesions outside the clinical HRF size range, elongated, or not brighter than
-  their surroundings are dropped (:mod:`hrf_batch.segment.lesion_filter`).
+- ``lesion_filter``: lesions outside the clinical HRF size range, elongated, not filled (a
+  crescent), or not brighter than their surroundings are dropped
+  (:mod:`hrf_batch.segment.lesion_filter`).
 - ``peaks_per_iteration`` > 1: several separated relevance peaks (non-maximum suppression,
   ``nms_radius_px``, ``min_peak_fraction``) are prompted per iteration, for B-scans with more
   foci than iterations.
