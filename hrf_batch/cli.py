@@ -663,5 +663,5 @@ def review(ctx: click.Context, db: str | None, host: str, port: int, grader: str
         click.echo(server.banner())
         if not no_browser:
             webbrowser.open(server.url)
-        server.run_until_interrupted()
+        server.run()
     click.echo("review page stopped")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import threading
 
 from waitress import create_server
 from waitress.server import BaseWSGIServer, MultiSocketServer
@@ -54,31 +53,6 @@ class ReviewServer:
     def stop(self) -> None:
         """End :meth:`run` (from another thread) and close every connection."""
         self._server.close()
-
-    def run_until_interrupted(self) -> None:
-        """Serve from a thread until Ctrl-C, then stop. Ctrl-C then reaches a main thread that only
-        waits: raised inside the server's own loop it can land while a lock is held, and the server
-        was seen hanging on its way out. An error of the server is raised here."""
-        failure: list[BaseException] = []
-
-        def serve() -> None:
-            try:
-                self.run()
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread, raised there
-                failure.append(exc)
-
-        thread = threading.Thread(target=serve, name="review-server", daemon=True)
-        thread.start()
-        try:
-            while thread.is_alive():
-                thread.join(0.2)
-        except KeyboardInterrupt:
-            log.debug("Ctrl-C: stopping the review page")
-        finally:
-            self.stop()
-            thread.join(10)
-        if failure:
-            raise failure[0]
 
 
 def start(store: Store, *, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, grader: str | None = None,
