@@ -307,8 +307,10 @@ def test_the_server_binds_to_loopback_and_refuses_without_the_token(fresh: Revie
 def test_the_command_prints_a_local_address_with_its_token_and_stops_on_ctrl_c(fresh: ReviewStudy) -> None:
     command = [sys.executable, "-m", "hrf_batch", "review", "--db", fresh.db, "--port", "0", "--no-browser",
                "--grader", "AB"]
+    # Ctrl-C as in a terminal, also when the tests run in the background (SIGINT inherited ignored)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         lines = [process.stdout.readline() for _ in range(4)]
         address = lines[3].strip()
