@@ -14,11 +14,12 @@ from hrf_batch.io.volume import LayerLines, Spacing
 from hrf_batch.synthetic import generator_a, generator_b
 
 ORDER = ("ILM", "INL", "ELM", "EZ", "RPE", "BM")
-# Mean absolute error bounds in um per B-scan: at least twice the worst of these seeds and two to four
-# times the mean over 40 fresh B-scans of each generator (scripts/layer_accuracy.py), so a step that
-# breaks (a line on the wrong band is 20..100 um off) fails them.
-# per-B-scan gates; generator B varies each band's reflectivity widely, so in some eyes the ELM is only
-# faintly brighter than the ONL and the RPE than the EZ: single B-scans were measured at up to 15.3 µm there
+# Mean absolute error bounds in um per B-scan: at least twice the mean over 40 fresh B-scans of each
+# generator (scripts/layer_accuracy.py, README's layer table) and, except ELM and RPE, at least twice
+# the worst of these seeds, so a step that breaks (a line on the wrong band is 20..100 um off) fails
+# them. ELM and RPE: generator B varies each band's reflectivity widely, so in some eyes the ELM is only
+# faintly brighter than the ONL and the RPE than the EZ; single B-scans were measured at up to 15.3 um
+# there, under the 18 um gate.
 BOUNDS_UM = {"ILM": 3.0, "INL": 25.0, "ELM": 18.0, "EZ": 8.0, "RPE": 18.0, "BM": 10.0}
 
 
