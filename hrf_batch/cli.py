@@ -177,8 +177,9 @@ def _parse_widths(ctx: click.Context, param: click.Parameter, value: str | None)
 @click.option("--width", default=512, show_default=True, type=click.IntRange(32, 2048), help="A-scans per B-scan.")
 @click.option("--height", default=496, show_default=True, type=click.IntRange(32, 2048), help="Pixels per A-scan.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Random seed (same seed, same study).")
-@click.option("--generator", type=click.Choice(["a", "b"]), default="a", show_default=True,
-              help="B-scan generator: a, or b (independent look, wide randomisation; 256..1536 x 256..1024 px).")
+@click.option("--generator", type=click.Choice(["a", "b", "c"]), default="a", show_default=True,
+              help="B-scan generator: a, b (independent look, wide randomisation; 256..1536 x 256..1024 px), or c "
+                   "(held out: a third independent look for evaluation only; width >= 192, height >= 240 px).")
 @click.option("--widths", callback=_parse_widths, metavar="W1,W2,...",
               help="B-scan widths each visit draws from, e.g. 512,768,1024,1536 (instead of --width).")
 @_friendly
@@ -190,7 +191,7 @@ def synth(out_dir: Path, patients: int, visits: int, bscans: int, width: int, he
     try:
         spec = StudySpec(patients=patients, visits=visits, bscans=bscans, width=width, height=height, seed=seed,
                          generator=generator, widths=widths)
-    except ValueError as exc:  # sizes generator b cannot lay out
+    except ValueError as exc:  # sizes generator b or c cannot lay out
         raise click.UsageError(str(exc)) from exc
     manifest = write_synthetic_study(out_dir, spec)
     click.echo(

@@ -11,8 +11,8 @@ Layout::
     OUT/ground_truth/manifest.csv                       one row per B-scan: HRF count and area
 
 The ground-truth layout is defined (and read back) by :mod:`hrf_batch.io.ground_truth`. The B-scans
-come from generator a or b (``StudySpec.generator``); ``StudySpec.widths`` mixes B-scan widths. The
-true layer lines go to the ground truth only, never into the scan files: the files carry no device
+come from generator a, b or c (``StudySpec.generator``; c is held out, for evaluation only);
+``StudySpec.widths`` mixes B-scan widths. The true layer lines go to the ground truth only, never into the scan files: the files carry no device
 lines, so the pipeline has to estimate them, and that estimate is what the truth measures.
 """
 
@@ -36,7 +36,7 @@ from hrf_batch.io.ground_truth import (
     write_manifest,
 )
 from hrf_batch.io.volume import LAYER_NAMES, BScanPosition, Spacing, Volume, VolumeMeta
-from hrf_batch.synthetic import generator_a, generator_b
+from hrf_batch.synthetic import generator_a, generator_b, generator_c
 from hrf_batch.synthetic.fundus import synth_localizer
 
 FORMAT_CYCLE = ("heyex-vol", "dicom-oct", "heyex-xml", "heyex-e2e")
@@ -49,7 +49,17 @@ def _generator_b_truth(rng: np.random.Generator, **size: Any) -> SyntheticVolume
     return SyntheticVolume(drawn.images, drawn.labels, layers, drawn.fovea_bscan, drawn.fovea_col)
 
 
-GENERATORS: dict[str, Callable[..., SyntheticVolume]] = {"a": generator_a.synth_volume_truth, "b": _generator_b_truth}
+def _generator_c_truth(rng: np.random.Generator, **size: Any) -> SyntheticVolume:
+    """Generator C's volume as ground truth (held out: for evaluating models trained on a and b)."""
+    drawn = generator_c.synth_volume_truth(rng, **size)
+    layers = {name: drawn.layers[name] for name in LAYER_NAMES}
+    return SyntheticVolume(drawn.images, drawn.labels, layers, drawn.fovea_bscan, drawn.fovea_col)
+
+
+GENERATORS: dict[str, Callable[..., SyntheticVolume]] = {
+    "a": generator_a.synth_volume_truth, "b": _generator_b_truth, "c": _generator_c_truth,
+}
+_SIZE_CHECKS: dict[str, Callable[[int, int], None]] = {"b": generator_b.check_size, "c": generator_c.check_size}
 _AXIAL_MM = 0.00387
 _SCAN_WIDTH_MM = 6.0
 _SCAN_HEIGHT_MM = 5.8
@@ -73,9 +83,10 @@ class StudySpec:
             raise ValueError(f"unknown synthetic generator {self.generator!r}: choose one of {', '.join(GENERATORS)}")
         if any(int(w) < 16 for w in self.widths):
             raise ValueError(f"every width must be at least 16 pixels, got {self.widths}")
-        if self.generator == "b":  # fail before any file is written
+        check = _SIZE_CHECKS.get(self.generator)
+        if check is not None:  # fail before any file is written
             for w in self.widths or (self.width,):
-                generator_b.check_size(self.height, w)
+                check(self.height, w)
 
 
 def _positions(n: int, width: int, lateral: float, field_mm: float) -> tuple[BScanPosition, ...]:
