@@ -23,7 +23,7 @@ from hrf_batch.anatomy.fovea import find_fovea
 from hrf_batch.anatomy.layers import estimate_layers
 from hrf_batch.anatomy.thickness import thickness_map
 from hrf_batch.io.volume import LAYER_NAMES, BScanPosition, LayerLines, Spacing, VolumeMeta
-from hrf_batch.synthetic import generator_a, generator_b
+from hrf_batch.synthetic import generator_a, generator_b, generator_c
 
 AXIAL_MM = 0.00387
 
@@ -65,7 +65,15 @@ def case_b(rng: np.random.Generator, n: int, height: int, width: int) -> Case:
     return Case(v.images, layers, v.fovea_bscan, v.fovea_col, _meta(n, width, lateral, between))
 
 
-GENERATORS: dict[str, Callable[[np.random.Generator, int, int, int], Case]] = {"A": case_a, "B": case_b}
+def case_c(rng: np.random.Generator, n: int, height: int, width: int) -> Case:
+    """Generator C (held out, never tuned on): a 6 mm wide B-scan, B-scans spread over 5.8 mm."""
+    v = generator_c.synth_volume_truth(rng, n_bscans=n, height=height, width=width)
+    layers = LayerLines({k: v.layers[k] for k in LAYER_NAMES if k in v.layers}, "ground-truth")
+    lateral, between = generator_c.FIELD_MM / width, generator_c.SLOW_FIELD_MM / (n - 1)
+    return Case(v.images, layers, v.fovea_bscan, v.fovea_col, _meta(n, width, lateral, between))
+
+
+GENERATORS: dict[str, Callable[[np.random.Generator, int, int, int], Case]] = {"A": case_a, "B": case_b, "C": case_c}
 
 
 def error_um(case: Case, layers: LayerLines) -> tuple[float | None, str]:
@@ -93,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--height", type=int, default=496)
     ap.add_argument("--width", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--generators", default="AB", help="which generators, e.g. A, B or AB")
+    ap.add_argument("--generators", default="AB", help="which generators, e.g. A, B, C or ABC")
     ap.add_argument("-v", "--verbose", action="store_true", help="one line per volume")
     args = ap.parse_args(argv)
     if args.volumes < 1 or args.bscans < 5:

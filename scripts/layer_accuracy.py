@@ -2,7 +2,8 @@
 
 Mean absolute error in micrometres per boundary against the synthetic generators' truth (fresh seeds,
 mixed B-scan sizes), and ILM and BM against the device's lines of the real Spectralis fixtures
-(columns where the device line is known). Prints markdown tables.
+(columns where the device line is known), and the median signed error (is a line found too high or
+too low?). Prints markdown tables.
 
     OMP_NUM_THREADS=1 .venv/bin/python scripts/layer_accuracy.py [--n 40] [--seed 2024]
 """
@@ -18,7 +19,7 @@ import numpy as np
 from hrf_batch.anatomy.layers import complete_layers, estimate_layers
 from hrf_batch.io.readers import read_volume
 from hrf_batch.io.volume import Spacing
-from hrf_batch.synthetic import generator_a, generator_b
+from hrf_batch.synthetic import generator_a, generator_b, generator_c
 
 BOUNDARIES = ("ILM", "INL", "ELM", "EZ", "RPE", "BM")
 WIDTHS = (256, 512, 768, 1024, 1536)
@@ -33,14 +34,19 @@ def _synthetic(generator: str, rng: np.random.Generator) -> tuple[np.ndarray, di
         scan = generator_a.synth_bscan(rng, height=height, width=width)
         lat, ax = max(0.01182, 3.0 / width), max(0.00387, 1.0 / height)  # the generator's own coarsening
         return scan.image, scan.layers, Spacing(lat, ax)
-    scan = generator_b.synth_bscan(rng, height=height, width=width)
-    return scan.image, scan.layers, Spacing(generator_b.FIELD_MM / width, generator_b.AXIAL_MM)
+    module = generator_b if generator == "B" else generator_c
+    scan = module.synth_bscan(rng, height=height, width=width)
+    return scan.image, scan.layers, Spacing(module.FIELD_MM / width, module.AXIAL_MM)
 
 
-def measure_synthetic(generator: str, n: int, seed: int) -> tuple[dict[str, float], dict[str, float], float]:
-    """Mean and 90th-percentile (over B-scans) of the per-B-scan MAE in um, and CPU ms per 512 A-scans."""
+def measure_synthetic(generator: str, n: int, seed: int
+                      ) -> tuple[dict[str, float], dict[str, float], dict[str, float], float]:
+    """Mean and 90th-percentile (over B-scans) of the per-B-scan MAE in um, the median over B-scans of
+    the per-B-scan median signed error in um (negative: the estimate lies above the truth), and CPU
+    ms per 512 A-scans."""
     rng = np.random.default_rng(seed)
     errors: dict[str, list[float]] = {k: [] for k in BOUNDARIES}
+    signed: dict[str, list[float]] = {k: [] for k in BOUNDARIES}
     cpu = 0.0
     for _ in range(n):
         image, truth, spacing = _synthetic(generator, rng)
@@ -48,11 +54,13 @@ def measure_synthetic(generator: str, n: int, seed: int) -> tuple[dict[str, floa
         lines = estimate_layers(image[None], spacing)
         cpu += (time.process_time() - start) * 512.0 / image.shape[1]
         for name in BOUNDARIES:
-            diff = np.abs(lines.rows[name][0] - truth[name])
-            errors[name].append(float(np.nanmean(diff)) * spacing.axial_mm * 1000.0)
+            diff = lines.rows[name][0] - truth[name]
+            errors[name].append(float(np.nanmean(np.abs(diff))) * spacing.axial_mm * 1000.0)
+            signed[name].append(float(np.nanmedian(diff)) * spacing.axial_mm * 1000.0)
     mean = {k: float(np.mean(v)) for k, v in errors.items()}
     p90 = {k: float(np.percentile(v, 90)) for k, v in errors.items()}
-    return mean, p90, 1000.0 * cpu / n
+    bias = {k: float(np.median(v)) for k, v in signed.items()}
+    return mean, p90, bias, 1000.0 * cpu / n
 
 
 def measure_real(path: Path) -> dict[str, tuple[float, int, float]]:
@@ -97,10 +105,15 @@ def main() -> None:
     args = parser.parse_args()
     print("| generator | " + " | ".join(f"{k} MAE um (p90)" for k in BOUNDARIES) + " | CPU ms / 512 A-scans |")
     print("|---" * (len(BOUNDARIES) + 2) + "|")
-    for i, generator in enumerate(("A", "B")):
-        mean, p90, ms = measure_synthetic(generator, args.n, args.seed + i)
+    biases = {}
+    for i, generator in enumerate(("A", "B", "C")):  # C: held out, never tuned on
+        mean, p90, biases[generator], ms = measure_synthetic(generator, args.n, args.seed + i)
         cells = " | ".join(f"{mean[k]:.1f} ({p90[k]:.1f})" for k in BOUNDARIES)
         print(f"| {generator} ({args.n} B-scans) | {cells} | {ms:.0f} |")
+    print("\n| generator | " + " | ".join(f"{k} median signed um" for k in BOUNDARIES) + " |")
+    print("|---" * (len(BOUNDARIES) + 1) + "|")
+    for generator, bias in biases.items():
+        print(f"| {generator} | " + " | ".join(f"{bias[k]:+.1f}" for k in BOUNDARIES) + " |")
     print(f"\nCPU time of one 496 x 512 B-scan: {cpu_ms_496x512():.0f} ms (median of 10)\n")
     print("| real file | ILM MAE um | BM MAE um | columns compared (ILM/BM) | device columns left NaN (ILM/BM) |")
     print("|---|---|---|---|---|")
