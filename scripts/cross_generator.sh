@@ -32,3 +32,4 @@ done
 for g in a b; do
   $PY scripts/cross_generator.py paper --loop card --model "CCT=$SHIPPED" --model "MIL=$MODELS/mil_ab" --study "${g^^}=$WORK/${g}_eval" --limit-volumes 12 --device cpu
 done
+$PY scripts/cross_generator.py paper --loop card --model "CCT=$SHIPPED" --study "C=$WORK/c_eval" --limit-volumes 12 --device cpu
