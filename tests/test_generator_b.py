@@ -179,8 +179,8 @@ def test_sizes_outside_the_layout_are_refused() -> None:
         gb.synth_bscan(np.random.default_rng(0), height=496, width=128)
     with pytest.raises(ValueError, match="height 256..1024"):
         gb.synth_volume(np.random.default_rng(0), 2, height=2000, width=512)
-    with pytest.raises(ValueError, match="unknown synthetic generator 'c'"):
-        StudySpec(generator="c")
+    with pytest.raises(ValueError, match="unknown synthetic generator 'z'"):
+        StudySpec(generator="z")
     with pytest.raises(ValueError, match="generator b needs"):
         StudySpec(generator="b", width=96, height=64)
 
