@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Callable
 
 import numpy as np
@@ -57,23 +58,19 @@ def case_a(rng: np.random.Generator, n: int, height: int, width: int) -> Case:
     return Case(v.images, layers, v.fovea_bscan, v.fovea_col, _meta(n, width, lateral, width * lateral / (n - 1)))
 
 
-def case_b(rng: np.random.Generator, n: int, height: int, width: int) -> Case:
-    """Generator B: a 6 mm wide B-scan, B-scans spread over 5.8 mm."""
-    v = generator_b.synth_volume_truth(rng, n_bscans=n, height=height, width=width)
-    layers = LayerLines({k: v.layers[k] for k in LAYER_NAMES if k in v.layers}, "ground-truth")
-    lateral, between = generator_b.FIELD_MM / width, generator_b.SLOW_FIELD_MM / (n - 1)
-    return Case(v.images, layers, v.fovea_bscan, v.fovea_col, _meta(n, width, lateral, between))
+def _case_6mm(module: ModuleType) -> Callable[[np.random.Generator, int, int, int], Case]:
+    """Generators B and C (C held out, never tuned on): a 6 mm wide B-scan, B-scans spread over 5.8 mm."""
+    def case(rng: np.random.Generator, n: int, height: int, width: int) -> Case:
+        v = module.synth_volume_truth(rng, n_bscans=n, height=height, width=width)
+        layers = LayerLines({k: v.layers[k] for k in LAYER_NAMES if k in v.layers}, "ground-truth")
+        lateral, between = module.FIELD_MM / width, module.SLOW_FIELD_MM / (n - 1)
+        return Case(v.images, layers, v.fovea_bscan, v.fovea_col, _meta(n, width, lateral, between))
+    return case
 
 
-def case_c(rng: np.random.Generator, n: int, height: int, width: int) -> Case:
-    """Generator C (held out, never tuned on): a 6 mm wide B-scan, B-scans spread over 5.8 mm."""
-    v = generator_c.synth_volume_truth(rng, n_bscans=n, height=height, width=width)
-    layers = LayerLines({k: v.layers[k] for k in LAYER_NAMES if k in v.layers}, "ground-truth")
-    lateral, between = generator_c.FIELD_MM / width, generator_c.SLOW_FIELD_MM / (n - 1)
-    return Case(v.images, layers, v.fovea_bscan, v.fovea_col, _meta(n, width, lateral, between))
-
-
-GENERATORS: dict[str, Callable[[np.random.Generator, int, int, int], Case]] = {"A": case_a, "B": case_b, "C": case_c}
+GENERATORS: dict[str, Callable[[np.random.Generator, int, int, int], Case]] = {
+    "A": case_a, "B": _case_6mm(generator_b), "C": _case_6mm(generator_c),
+}
 
 
 def error_um(case: Case, layers: LayerLines) -> tuple[float | None, str]:
