@@ -12,8 +12,9 @@ Layout::
 
 The ground-truth layout is defined (and read back) by :mod:`hrf_batch.io.ground_truth`. The B-scans
 come from generator a, b or c (``StudySpec.generator``; c is held out, for evaluation only);
-``StudySpec.widths`` mixes B-scan widths. The true layer lines go to the ground truth only, never into the scan files: the files carry no device
-lines, so the pipeline has to estimate them, and that estimate is what the truth measures.
+``StudySpec.widths`` mixes B-scan widths. The true layer lines go to the ground truth only, never
+into the scan files: the files carry no device lines, so the pipeline has to estimate them, and
+that estimate is what the truth measures.
 """
 
 from __future__ import annotations
