@@ -311,9 +311,10 @@ class _Canvas:
     lift: np.ndarray
 
 
-def _paint(cv: _Canvas, sl: tuple[slice, slice], mask: np.ndarray, value: float, depth: float = 0.0,
+def _paint(cv: _Canvas, sl: tuple[slice, slice], mask: np.ndarray, value: float | np.ndarray, depth: float = 0.0,
            kind: int = 0, soft: bool = True) -> None:
-    """Set reflectivity inside ``mask``; ``depth`` is the optical depth the object adds to its A-scans."""
+    """Set reflectivity inside ``mask`` (``value``: one number, or an array broadcast over the patch);
+    ``depth`` is the optical depth the object adds to its A-scans."""
     weight = mask.astype(np.float32)
     if soft and mask.size > 1:
         weight = np.maximum(weight, ndimage.gaussian_filter(weight, 0.5) * 0.9)
@@ -350,11 +351,7 @@ def _vessels(rng: np.random.Generator, eye: _Eye, cv: _Canvas, i: int) -> None:
         if not mask.any():
             continue
         top_bright = np.linspace(1.3, 0.7, mask.shape[0])[:, None]  # bright upper wall, blood below
-        weight = mask.astype(np.float32)
-        cv.refl[sy, sx] = cv.refl[sy, sx] * (1 - weight) + (refl * top_bright) * weight
-        per_col = mask.sum(axis=0)
-        cv.mu[sy, sx] += np.where(mask, depth / np.maximum(per_col, 1)[None, :], 0.0).astype(np.float32)
-        cv.negatives[sy, sx][mask] = 1
+        _paint(cv, (sy, sx), mask, refl * top_bright, depth, kind=1, soft=False)
         _shadow_block(cv, (sy, sx), mask)
 
 
@@ -542,8 +539,7 @@ def _hrfs(rng: np.random.Generator, eye: _Eye, cv: _Canvas, n_hrf: int) -> int:
         else:
             c0 = int(rng.integers(int(0.03 * w), int(0.97 * w) - sw))
         if top == "ELM":  # outer retina: only above a druse
-            cols = np.flatnonzero(cv.lift > 2)
-            c0 = int(rng.choice(cols)) - sw // 2
+            c0 = int(rng.choice(np.flatnonzero(cv.lift > 2))) - sw // 2
         if c0 < 1 or c0 + sw > w - 1:
             continue
         cols = slice(c0, c0 + sw)
@@ -586,17 +582,14 @@ def _reflectivity(rng: np.random.Generator, eye: _Eye, rows: dict[str, np.ndarra
     lateral = lambda v, s=0.12: (v * np.exp(s * _smooth_noise(rng, (1, w), (1, 60 * w / _REF_WIDTH))[0]))  # noqa: E731
     values = [np.full(w, refl["vitreous"], np.float32)] + [lateral(refl[k]) for k in _REGIONS[1:13]]
     values.append(np.where(content > 0, content, refl["rpe"]).astype(np.float32))   # druse content
-    values += [lateral(refl["cc"]), None]
+    values.append(lateral(refl["cc"]))
     out = np.zeros((h, w), np.float32)
     below_prev = np.ones((h, w), np.float32)
-    for k, b in enumerate(bounds + [None]):
-        below = _soft_step(r, b) if b is not None else np.zeros((h, w), np.float32)
-        share = below_prev - below
-        if values[k] is None:  # choroid: stroma with dark lumens growing with depth
-            share_ch = share
-        else:
-            out += share * values[k][None, :]
+    for b, value in zip(bounds, values, strict=True):  # each region between two boundaries
+        below = _soft_step(r, b)
+        out += (below_prev - below) * value[None, :]
         below_prev = below
+    share_ch = below_prev  # what lies below the last boundary: the choroid
     # choroid: stroma around dark lumens that grow with depth, fading (not ending) into the sclera
     depth = np.clip((r - rows["BM"][None, :]) / (eye.choroid_um / ax_um), 0, None)
     fine = _smooth_noise(rng, (h, w), (4.0, 35 / eye.lat_um))
